@@ -1,0 +1,224 @@
+"""Routing as plain functions of tensors: gates, pooling and auxiliary losses.
+
+Layers never implement routing themselves: they call :func:`expert_weights` (expert methods) or
+the pooling helpers here (MixLoRA), and these record auxiliary losses and statistics into the
+:class:`RoutingContext` of the current forward. A new gate is one function here, not a new layer.
+
+Shapes: ``x: (batch, seq, d_in)``; gate weights ``(batch, seq, N)`` for token routing and
+``(batch, 1, N)`` for instance routing (broadcast over the sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROUTINGS = ("task", "soft", "topk", "task_supervised")
+GRANULARITIES = ("token", "instance")
+LOAD_BALANCING = ("switch", "mole", "none")
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward inputs and outputs of routing, carried to every adapter layer by pre-hooks.
+
+    task_ids: (batch,) long, or None. attention_mask: (batch, seq) of the *input* sequence, used
+    for instance pooling and to keep padding out of losses and statistics.
+    pooled_cache: set during ``generate``: instance routing is decided once on the prompt (the
+    prefill step) and reused for every generated token, so the cached decode steps (which see one
+    token) route exactly as the prompt did.
+    """
+
+    task_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    pooled_cache: dict[str, Tensor] | None = None
+    recording: bool = True
+    aux_losses: dict[str, list[Tensor]] = field(default_factory=dict)
+    collect_stats: bool = False
+    stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    collect_selections: bool = False
+    selections: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_aux_loss(self, kind: str, value: Tensor) -> None:
+        # Gradient-checkpointing recomputation re-runs layers after forward returned: not recorded.
+        if self.recording:
+            self.aux_losses.setdefault(kind, []).append(value)
+
+
+def _batch_task_ids(task_ids: Tensor, batch: int) -> Tensor:
+    """Task ids for a batch that generation may have expanded (beams, num_return_sequences)."""
+    if task_ids.shape[0] == batch:
+        return task_ids
+    if batch % task_ids.shape[0] == 0:
+        return task_ids.repeat_interleave(batch // task_ids.shape[0])
+    raise ValueError(f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples")
+
+
+def valid_token_mask(x: Tensor, ctx: RoutingContext | None) -> Tensor:
+    """(batch, seq) float mask of non-padding positions of ``x`` (all ones when unknown)."""
+    mask = None if ctx is None else ctx.attention_mask
+    if mask is None or mask.shape[:2] != x.shape[:2]:
+        return x.new_ones(x.shape[:2], dtype=torch.float32)
+    return mask.to(device=x.device, dtype=torch.float32)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x: (batch, seq, d)`` over positions where ``mask: (batch, seq)`` is 1."""
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def pooled_input(x: Tensor, ctx: RoutingContext | None, key: str, include_padding: bool = False) -> Tensor:
+    """Instance representation ``(batch, d_in)``: the mean of ``x`` over the sample's tokens.
+
+    ``include_padding=False`` (default) averages non-padding tokens only, as the issue asks;
+    ``True`` averages every position as VT-NLP/MixLoRA's selector does (selector.py:135-139).
+    In generation the prompt's pooled input is cached per layer and reused for decode steps.
+    """
+    cache = None if ctx is None else ctx.pooled_cache
+    if cache is not None and key in cache:
+        return cache[key]
+    mask = x.new_ones(x.shape[:2]) if include_padding else valid_token_mask(x, ctx)
+    pooled = masked_mean(x, mask)
+    if cache is not None:
+        cache[key] = pooled
+    return pooled
+
+
+def task_gate(task_ids: Tensor, num_experts: int, batch: int) -> Tensor:
+    """One-hot ``(batch, 1, N)`` weights: each sample goes to the expert of its task (AsymLoRA Eq. 2)."""
+    task_ids = _batch_task_ids(task_ids, batch)
+    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_experts):
+        raise ValueError(
+            f"task_ids must lie in [0, num_experts={num_experts}); got {task_ids.tolist()}"
+        )
+    return F.one_hot(task_ids.long(), num_experts).float().unsqueeze(1)
+
+
+def soft_gate(logits: Tensor) -> Tensor:
+    """Dense softmax gate (HydraLoRA's code), computed in float32."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def topk_gate(probs: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest probabilities and renormalise them to sum to one."""
+    top = probs.topk(k, dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def argmax_gate(probs: Tensor) -> Tensor:
+    """One-hot of the most probable expert (task-supervised inference without task ids)."""
+    return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+
+
+def switch_load_balancing_loss(probs: Tensor, dispatch: Tensor, mask: Tensor) -> Tensor:
+    """Switch Transformer auxiliary loss ``N · Σ_e f_e · P_e`` over valid tokens.
+
+    probs, dispatch: (batch, seq, N); dispatch marks the experts each token was sent to; f_e is the
+    share of dispatches that went to e (for top-k each token counts 1/k), P_e the mean probability.
+    Equals 1 for perfectly balanced routing.
+    """
+    n = probs.shape[-1]
+    m = mask.unsqueeze(-1)
+    tokens = mask.sum().clamp_min(1.0)
+    dispatch = dispatch / dispatch.sum(-1, keepdim=True).clamp_min(1.0)
+    fraction = (dispatch.detach() * m).sum((0, 1)) / tokens
+    mean_prob = (probs * m).sum((0, 1)) / tokens
+    return n * (fraction * mean_prob).sum()
+
+
+def mole_load_balancing_loss(probs: Tensor, mask: Tensor) -> Tensor:
+    """LLaVA-MoLE / MLLM-HydraLoRA form: per sample ``Σ_e mean_t(p_e) · mean_t(onehot_e(argmax p))``.
+
+    The one-hot is detached and there is no ×N factor, as in the authors' moe.py; batch mean.
+    """
+    onehot = argmax_gate(probs).detach()
+    m = mask.unsqueeze(-1)
+    tokens = mask.sum(1, keepdim=True).clamp_min(1.0)
+    mean_prob = (probs * m).sum(1) / tokens
+    mean_onehot = (onehot * m).sum(1) / tokens
+    return (mean_prob * mean_onehot).sum(-1).mean()
+
+
+def task_supervision_loss(logits: Tensor, task_ids: Tensor, mask: Tensor) -> Tensor:
+    """Cross-entropy of the gate's logits ``(batch, seq, N)`` to each sample's task id, valid tokens only."""
+    targets = task_ids.long().view(-1, 1).expand(logits.shape[:2])
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none")
+    ce = ce.view(logits.shape[:2]) * mask
+    return ce.sum() / mask.sum().clamp_min(1.0)
+
+
+def gate_entropy(probs: Tensor, mask: Tensor) -> Tensor:
+    """Mean entropy (nats) of the gate distribution over valid tokens."""
+    ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    return (ent * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def expert_weights(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Module | None, config, key: str) -> Tensor:
+    """Gate weights ``(batch, seq or 1, N)`` of an expert layer, recording aux losses and stats.
+
+    routing="task": the sample's task id picks its expert (one-hot).
+    routing="soft": softmax(router(x)). routing="topk": top_k of the softmax, renormalised.
+    routing="task_supervised": with task ids, as "task", and the router is trained towards the
+    task id by cross-entropy; without task ids, the router's argmax picks the expert, so inference
+    routes as training did.
+    Granularity "instance" feeds the router the sample's mean non-padding input.
+    """
+    n = config.num_experts
+    batch = x.shape[0]
+    task_ids = None if ctx is None else ctx.task_ids
+    if config.routing == "task":
+        if task_ids is None:
+            raise ValueError("routing='task' needs task_ids: call model(..., task_ids=...)")
+        return task_gate(task_ids.to(x.device), n, batch)
+
+    mask = valid_token_mask(x, ctx)
+    if config.granularity == "instance":
+        router_input = pooled_input(x, ctx, key).unsqueeze(1)
+        mask = mask.new_ones(batch, 1)
+    else:
+        router_input = x
+    logits = router(router_input.to(router.weight.dtype))
+    probs = soft_gate(logits)
+
+    if config.routing == "task_supervised":
+        if task_ids is not None:
+            task_ids = _batch_task_ids(task_ids.to(x.device), batch)
+            weights = task_gate(task_ids, n, batch).expand_as(probs)
+            if ctx is not None and torch.is_grad_enabled():
+                ctx.add_aux_loss("task_supervision", task_supervision_loss(logits, task_ids, mask))
+        else:
+            weights = argmax_gate(probs)
+    elif config.routing == "soft":
+        weights = probs
+    else:
+        weights = topk_gate(probs, config.top_k)
+
+    if ctx is not None and config.routing in ("soft", "topk") and torch.is_grad_enabled():
+        if config.load_balancing == "switch":
+            ctx.add_aux_loss("load_balancing", switch_load_balancing_loss(probs, (weights > 0).float(), mask))
+        elif config.load_balancing == "mole":
+            ctx.add_aux_loss("load_balancing", mole_load_balancing_loss(probs, mask))
+    if ctx is not None:
+        record_routing(ctx, key, probs, weights, mask)
+    return weights
+
+
+def record_routing(ctx: RoutingContext, key: str, probs: Tensor, weights: Tensor, mask: Tensor) -> None:
+    """Store usage / entropy statistics and per-instance selections when the context asks for them."""
+    if not ctx.recording or not (ctx.collect_stats or ctx.collect_selections):
+        return
+    with torch.no_grad():
+        m = mask.unsqueeze(-1)
+        per_instance = (weights.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if ctx.collect_stats:
+            ctx.stats[key] = {
+                "usage": per_instance.mean(0).cpu(),
+                "entropy": gate_entropy(probs.float(), mask).cpu(),
+            }
+        if ctx.collect_selections:
+            ctx.selections[key] = per_instance.cpu()

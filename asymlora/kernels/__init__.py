@@ -1,0 +1,30 @@
+"""Delta computations of the adapter layers: a plain reference and a fast path for each.
+
+Layers call :func:`asym_lora_delta`, :func:`lora_moe_delta` or :func:`mix_lora_delta`; the
+``fast`` flag (``config.fast_path``) picks the implementation here and nowhere else. Every fast
+path is tested against its reference (forward and gradients) on fresh random inputs.
+"""
+
+from .reference import asym_lora_delta_reference, lora_moe_delta_reference, mix_lora_delta_reference
+from .stacked import asym_lora_delta_stacked, lora_moe_delta_stacked, mix_lora_delta_pairing
+
+
+def asym_lora_delta(x, shared_a, expert_b, weights, scaling, fast: bool = True):
+    """``s · Σ_i w_i · B_i A x``; see :func:`asym_lora_delta_reference` for shapes."""
+    fn = asym_lora_delta_stacked if fast else asym_lora_delta_reference
+    return fn(x, shared_a, expert_b, weights, scaling)
+
+
+def lora_moe_delta(x, expert_a, expert_b, weights, scaling, fast: bool = True):
+    """``s · Σ_i w_i · B_i A_i x``; see :func:`lora_moe_delta_reference` for shapes."""
+    fn = lora_moe_delta_stacked if fast else lora_moe_delta_reference
+    return fn(x, expert_a, expert_b, weights, scaling)
+
+
+def mix_lora_delta(x, factor_a, factor_b, index_a, index_b, coef_a, coef_b, scaling, fast: bool = True):
+    """``s · Σ_j c^B_j c^A_j · b_{idx_b[j]} a_{idx_a[j]}ᵀ x`` per instance; see the reference for shapes."""
+    fn = mix_lora_delta_pairing if fast else mix_lora_delta_reference
+    return fn(x, factor_a, factor_b, index_a, index_b, coef_a, coef_b, scaling)
+
+
+__all__ = ["asym_lora_delta", "lora_moe_delta", "mix_lora_delta"]
