@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models built from configs (no hub, no downloads)."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama(seed: int = 0, vocab: int = 97, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_llava(seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=28, patch_size=14)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=96,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    # 28 px images in 14 px patches: 4 image tokens per image (the CLS token is dropped).
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def llava():
+    return tiny_llava()
