@@ -48,8 +48,9 @@ class AsymLoraLinear(AdapterLayer):
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)
-        x = self.dropout(x.to(self.shared_a.dtype))
-        return asym_lora_delta(x, self.shared_a, self.expert_b, weights, self.scaling, self.fast_path)
+        dtype = self.compute_dtype(x)
+        x = self.dropout(x.to(dtype))
+        return asym_lora_delta(x, self.shared_a.to(dtype), self.expert_b.to(dtype), weights, self.scaling, self.fast_path)
 
     def task_lora(self, task: int) -> tuple[Tensor, Tensor]:
         return self.shared_a, self.expert_b[task]

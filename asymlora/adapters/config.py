@@ -36,6 +36,9 @@ class AdapterConfig:
     modules_to_save: modules trained whole and saved with the adapter (default: LLaVA's
     projector, where the model has one). task_names: the task behind each task id, saved with the
     adapter. fast_path: use the fused kernels where they apply (False forces the reference).
+    compute_dtype: "input" runs the adapter matmuls in the input's dtype (bf16 under a bf16 base,
+    as torch.autocast and the HF Trainer's bf16 mode do) with float32 parameters, so the optimizer
+    state stays float32; "float32" upcasts the input instead (PEFT's default, slower).
     """
 
     method: ClassVar[str] = ""
@@ -49,6 +52,7 @@ class AdapterConfig:
     layers_pattern: str | None = None
     task_names: list[str] | None = None
     fast_path: bool = True
+    compute_dtype: str = "input"
 
     # Read by peft's check_target_module_exists.
     target_parameters: ClassVar[None] = None
@@ -69,6 +73,8 @@ class AdapterConfig:
             _fail(self, "lora_dropout", f"must lie in [0, 1), got {self.lora_dropout!r}")
         if not self.target_modules:
             _fail(self, "target_modules", "must name at least one module (a list of suffixes or a regex)")
+        if self.compute_dtype not in ("input", "float32"):
+            _fail(self, "compute_dtype", f"must be 'input' or 'float32', got {self.compute_dtype!r}")
         if self.task_names is not None:
             if len(set(self.task_names)) != len(self.task_names) or not all(
                 isinstance(t, str) and t for t in self.task_names

@@ -25,6 +25,7 @@ class AdapterLayer(nn.Module):
         self.name = name
         self.scaling = config.scaling
         self.fast_path = config.fast_path
+        self.compute_in_input_dtype = config.compute_dtype == "input"
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.merged_task: int | None = None
         self._unmerged_weight: Tensor | None = None
@@ -40,6 +41,10 @@ class AdapterLayer(nn.Module):
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         raise NotImplementedError
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the adapter matmuls run in (parameters are cast to it, not stored in it)."""
+        return x.dtype if self.compute_in_input_dtype and x.is_floating_point() else torch.float32
 
     def task_lora(self, task: int) -> tuple[Tensor, Tensor]:
         """The plain LoRA ``(A: (r, d_in), B: (d_out, r))`` this layer is for one task, if it is one."""

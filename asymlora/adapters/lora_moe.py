@@ -44,8 +44,9 @@ class LoraMoeLinear(AdapterLayer):
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)
-        x = self.dropout(x.to(self.expert_a.dtype))
-        return lora_moe_delta(x, self.expert_a, self.expert_b, weights, self.scaling, self.fast_path)
+        dtype = self.compute_dtype(x)
+        x = self.dropout(x.to(dtype))
+        return lora_moe_delta(x, self.expert_a.to(dtype), self.expert_b.to(dtype), weights, self.scaling, self.fast_path)
 
     def task_lora(self, task: int) -> tuple[Tensor, Tensor]:
         return self.expert_a[task], self.expert_b[task]

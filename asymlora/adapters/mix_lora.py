@@ -135,8 +135,9 @@ class MixLoraLinear(AdapterLayer):
         index_a, index_b, coef_a, coef_b, scores_a, scores_b = self.select(pooled)
         if ctx is not None:
             self._record(ctx, index_a, index_b, scores_a, scores_b)
-        x = self.dropout(x.to(self.factor_a.dtype))
-        return mix_lora_delta(x, self.factor_a, self.factor_b, index_a, index_b, coef_a, coef_b,
+        dtype = self.compute_dtype(x)
+        x = self.dropout(x.to(dtype))
+        return mix_lora_delta(x, self.factor_a.to(dtype), self.factor_b.to(dtype), index_a, index_b, coef_a, coef_b,
                               self.scaling, self.fast_path)
 
     def _record(self, ctx: RoutingContext, index_a: Tensor, index_b: Tensor, scores_a: Tensor, scores_b: Tensor) -> None:

@@ -1,0 +1,187 @@
+"""Training-step time of every adapter against the frozen model, side by side in one process (GPU).
+
+    python benchmarks/step_time.py --shape 2048 [--shape 4096] [--variants ...] [--modes eager compile]
+
+Shapes (issue 6): a random-init Llama, hidden 2048 × 8 layers at batch 8 × 1024 tokens, and hidden
+4096 × 4 layers at batch 4 × 1024, bf16, every linear adapted, rank 32, N = 3 (MixLoRA E = 32 / r = 8
+and E = 64 / r = 32). A step is the forward plus the backward to the inputs (and to the adapter's
+parameters); no optimizer step. The floor is the frozen model with no adapter at all. Each variant
+is timed eagerly and under torch.compile (of the decoder stack), and reported at the faster of the
+two, as a ratio to the floor's faster time; median of ``--repeat`` steps after warm-up, CUDA events.
+
+A second table: generation throughput of a mixed-task batch (AsymLoRA, task routing) against the
+same model merged for one task (no adapter on the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, median, time_cuda, write_results  # noqa: E402
+
+from asymlora import AsymLoraConfig, LoraConfig, LoraMoeConfig, MixLoraConfig, get_model  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    2048: dict(hidden=2048, intermediate=5632, layers=8, heads=16, batch=8, seq=1024),
+    4096: dict(hidden=4096, intermediate=11008, layers=4, heads=32, batch=4, seq=1024),
+}
+
+
+def variants() -> dict:
+    return {
+        "floor": None,
+        "peft_lora_r32": lambda: LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS),
+        "lora_moe_n3_task": lambda: LoraMoeConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS),
+        "lora_moe_n3_soft": lambda: LoraMoeConfig(r=32, num_experts=3, routing="soft", target_modules=TARGETS),
+        "asymlora_n3_task": lambda: AsymLoraConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS),
+        "asymlora_n3_soft": lambda: AsymLoraConfig(r=32, num_experts=3, routing="soft", target_modules=TARGETS),
+        "mixlora_e32_r8": lambda: MixLoraConfig(r=8, num_factors=32, target_modules=TARGETS),
+        "mixlora_e64_r32": lambda: MixLoraConfig(r=32, num_factors=64, lora_alpha=128, target_modules=TARGETS),
+    }
+
+
+def build_base(shape: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["heads"], max_position_embeddings=shape["seq"])
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    return model
+
+
+def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int) -> dict:
+    model = base if make_config is None else get_model(base, make_config())
+    decoder = (model.base_model if hasattr(model, "adapter_layers") else
+               model.peft_model.base_model.model if hasattr(model, "peft_model") else model).model
+    if mode == "compile":
+        decoder.compile()
+    b, t = shape["batch"], shape["seq"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    embeds = torch.randn(b, t, shape["hidden"], device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    labels = torch.randint(0, 32000, (b, t), device="cuda", generator=g)
+    task_ids = torch.arange(b, device="cuda") % 3
+    kwargs = {} if make_config is None else {"task_ids": task_ids}
+
+    def step():
+        out = model(inputs_embeds=embeds, labels=labels, **kwargs)
+        out.loss.backward()
+        embeds.grad = None
+        for p in model.parameters():
+            p.grad = None
+
+    torch.cuda.reset_peak_memory_stats()
+    times = time_cuda(step, warmup=warmup if mode == "eager" else warmup + 3, repeat=repeat)
+    ms = median(times)
+    return {"ms": ms, "spread_ms": max(times) - min(times), "tokens_per_s": b * t / ms * 1e3,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def generation(shape: dict, new_tokens: int = 64) -> dict:
+    """Mixed-task batch through the task-routed AsymLoRA against the merged single-task model."""
+    base = build_base(shape)
+    model = get_model(base, AsymLoraConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS))
+    with torch.no_grad():
+        for layer in model.adapter_layers.values():
+            layer.expert_b.normal_(0, 1e-3)
+    b = shape["batch"]
+    prompt = torch.randint(0, 32000, (b, 128), device="cuda")
+    task_ids = torch.arange(b, device="cuda") % 3
+    args = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False)
+    mixed = time_cuda(lambda: model.generate(**args, task_ids=task_ids), warmup=1, repeat=3)
+    model.merge(0)
+    merged = time_cuda(lambda: model.generate(**args), warmup=1, repeat=3)
+    model.unmerge()
+    tok = b * new_tokens
+    return {"mixed_tokens_per_s": tok / median(mixed) * 1e3, "merged_tokens_per_s": tok / median(merged) * 1e3,
+            "ratio": median(merged) / median(mixed)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, action="append", choices=sorted(SHAPES))
+    parser.add_argument("--variants", nargs="*", default=None)
+    parser.add_argument("--modes", nargs="*", default=["eager", "compile"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--generation", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
+    parser.add_argument("--name", default="step_time")
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    all_variants = variants()
+    names = args.variants or list(all_variants)
+    if "floor" not in names:
+        names = ["floor"] + names
+    payload = {"environment": environment(), "results": {}}
+    for size in args.shape or [2048]:
+        shape = SHAPES[size]
+        rows = {}
+        for name in names:
+            row = {}
+            for mode in args.modes:
+                base = build_base(shape)
+                try:
+                    row[mode] = measure(base, all_variants[name], shape, mode, args.warmup, args.repeat)
+                except Exception as err:  # a variant that fails to compile is reported, not fatal
+                    row[mode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                del base
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()
+                print(f"[{size}] {name:18s} {mode:8s} {row[mode]}", flush=True)
+            ok = {m: r for m, r in row.items() if "ms" in r}
+            if ok:
+                best_mode = min(ok, key=lambda m: ok[m]["ms"])
+                row["best"] = {"mode": best_mode, **ok[best_mode]}
+            rows[name] = row
+        floor = rows["floor"]["best"]["ms"]
+        for row in rows.values():
+            if "best" in row:
+                row["best"]["ratio_to_floor"] = row["best"]["ms"] / floor
+        entry = {"shape": shape, "variants": rows}
+        if args.generation:
+            entry["generation"] = generation(shape)
+        payload["results"][str(size)] = entry
+        print(table(size, entry), flush=True)
+    path = write_results(args.name, payload, args.out)
+    print(f"wrote {path}")
+
+
+def table(size: int, entry: dict) -> str:
+    lines = [f"\nhidden {size}: {entry['shape']}",
+             "| variant | best mode | ms / step | × floor | tokens/s | peak GiB | eager ms | compile ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in entry["variants"].items():
+        best = row.get("best")
+        eager = row.get("eager", {}).get("ms")
+        comp = row.get("compile", {}).get("ms")
+        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        if best:
+            lines.append(f"| {name} | {best['mode']} | {best['ms']:.1f} | {best['ratio_to_floor']:.2f} | "
+                         f"{best['tokens_per_s']:,.0f} | {best['peak_gib']:.2f} | {fmt(eager)} | {fmt(comp)} |")
+        else:
+            lines.append(f"| {name} | failed | — | — | — | — | {row} |")
+    if "generation" in entry:
+        g = entry["generation"]
+        lines.append(f"\ngeneration: mixed-task {g['mixed_tokens_per_s']:,.0f} tok/s, merged {g['merged_tokens_per_s']:,.0f} "
+                     f"tok/s, mixed / merged = {g['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
