@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..kernels import lora_moe_delta
 from .config import ExpertConfig
 from .layer import AdapterLayer
-from .routing import RoutingContext, expert_weights
+from .routing import RoutingContext, expert_weights, hard_task_index
 
 
 @dataclass
@@ -44,9 +44,11 @@ class LoraMoeLinear(AdapterLayer):
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)
+        index = hard_task_index(ctx, self.config, x.shape[0])
         dtype = self.compute_dtype(x)
         x = self.dropout(x.to(dtype))
-        return lora_moe_delta(x, self.expert_a.to(dtype), self.expert_b.to(dtype), weights, self.scaling, self.fast_path)
+        return lora_moe_delta(x, self.expert_a.to(dtype), self.expert_b.to(dtype), weights, self.scaling,
+                              self.fast_path, index)
 
     def task_lora(self, task: int) -> tuple[Tensor, Tensor]:
         return self.expert_a[task], self.expert_b[task]

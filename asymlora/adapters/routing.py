@@ -89,13 +89,25 @@ def pooled_input(x: Tensor, ctx: RoutingContext | None, key: str, include_paddin
 
 
 def task_gate(task_ids: Tensor, num_experts: int, batch: int) -> Tensor:
-    """One-hot ``(batch, 1, N)`` weights: each sample goes to the expert of its task (AsymLoRA Eq. 2)."""
+    """One-hot ``(batch, 1, N)`` weights: each sample goes to the expert of its task (AsymLoRA Eq. 2).
+
+    The ids are validated once per forward by the wrapper; nothing here reads them back to the
+    host (that would synchronise the GPU in every layer).
+    """
     task_ids = _batch_task_ids(task_ids, batch)
-    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_experts):
-        raise ValueError(
-            f"task_ids must lie in [0, num_experts={num_experts}); got {task_ids.tolist()}"
-        )
-    return F.one_hot(task_ids.long(), num_experts).float().unsqueeze(1)
+    return one_hot(task_ids.long(), num_experts).unsqueeze(1)
+
+
+def one_hot(index: Tensor, n: int) -> Tensor:
+    """Float one-hot without F.one_hot's host-side range check (a GPU sync)."""
+    return torch.zeros(*index.shape, n, device=index.device).scatter_(-1, index.unsqueeze(-1), 1.0)
+
+
+def hard_task_index(ctx: RoutingContext | None, config, batch: int) -> Tensor | None:
+    """The expert index per sample when routing sends whole samples by task id, else None."""
+    if ctx is None or ctx.task_ids is None or config.routing not in ("task", "task_supervised"):
+        return None
+    return _batch_task_ids(ctx.task_ids, batch)
 
 
 def soft_gate(logits: Tensor) -> Tensor:
@@ -112,7 +124,7 @@ def topk_gate(probs: Tensor, k: int) -> Tensor:
 
 def argmax_gate(probs: Tensor) -> Tensor:
     """One-hot of the most probable expert (task-supervised inference without task ids)."""
-    return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+    return one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
 
 
 def switch_load_balancing_loss(probs: Tensor, dispatch: Tensor, mask: Tensor) -> Tensor:

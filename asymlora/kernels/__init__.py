@@ -6,19 +6,30 @@ path is tested against its reference (forward and gradients) on fresh random inp
 """
 
 from .reference import asym_lora_delta_reference, lora_moe_delta_reference, mix_lora_delta_reference
-from .stacked import asym_lora_delta_stacked, lora_moe_delta_stacked, mix_lora_delta_pairing
+from .stacked import (asym_lora_delta_indexed, asym_lora_delta_stacked, lora_moe_delta_indexed,
+                      lora_moe_delta_stacked, mix_lora_delta_pairing)
 
 
-def asym_lora_delta(x, shared_a, expert_b, weights, scaling, fast: bool = True):
-    """``s · Σ_i w_i · B_i A x``; see :func:`asym_lora_delta_reference` for shapes."""
-    fn = asym_lora_delta_stacked if fast else asym_lora_delta_reference
-    return fn(x, shared_a, expert_b, weights, scaling)
+def asym_lora_delta(x, shared_a, expert_b, weights, scaling, fast: bool = True, index=None):
+    """``s · Σ_i w_i · B_i A x``; see :func:`asym_lora_delta_reference` for shapes.
+
+    ``index: (batch,)``, when routing sends whole samples to one expert (task routing), lets the
+    fast path gather each sample's B instead of gating all N (``weights`` must be its one-hot).
+    """
+    if not fast:
+        return asym_lora_delta_reference(x, shared_a, expert_b, weights, scaling)
+    if index is not None:
+        return asym_lora_delta_indexed(x, shared_a, expert_b, index, scaling)
+    return asym_lora_delta_stacked(x, shared_a, expert_b, weights, scaling)
 
 
-def lora_moe_delta(x, expert_a, expert_b, weights, scaling, fast: bool = True):
-    """``s · Σ_i w_i · B_i A_i x``; see :func:`lora_moe_delta_reference` for shapes."""
-    fn = lora_moe_delta_stacked if fast else lora_moe_delta_reference
-    return fn(x, expert_a, expert_b, weights, scaling)
+def lora_moe_delta(x, expert_a, expert_b, weights, scaling, fast: bool = True, index=None):
+    """``s · Σ_i w_i · B_i A_i x``; see :func:`lora_moe_delta_reference` for shapes and ``index``."""
+    if not fast:
+        return lora_moe_delta_reference(x, expert_a, expert_b, weights, scaling)
+    if index is not None:
+        return lora_moe_delta_indexed(x, expert_a, expert_b, index, scaling)
+    return lora_moe_delta_stacked(x, expert_a, expert_b, weights, scaling)
 
 
 def mix_lora_delta(x, factor_a, factor_b, index_a, index_b, coef_a, coef_b, scaling, fast: bool = True):

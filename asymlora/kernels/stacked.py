@@ -18,6 +18,17 @@ def asym_lora_delta_stacked(x: Tensor, shared_a: Tensor, expert_b: Tensor, weigh
     return (gated @ b_cat.T) * scaling
 
 
+def asym_lora_delta_indexed(x: Tensor, shared_a: Tensor, expert_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    """Task routing: sample b uses only B_{index[b]}: one GEMM for A, one batched GEMM for B."""
+    h = x @ shared_a.T
+    return torch.bmm(h, expert_b[index].transpose(1, 2)) * scaling
+
+
+def lora_moe_delta_indexed(x: Tensor, expert_a: Tensor, expert_b: Tensor, index: Tensor, scaling: float) -> Tensor:
+    h = torch.bmm(x, expert_a[index].transpose(1, 2))
+    return torch.bmm(h, expert_b[index].transpose(1, 2)) * scaling
+
+
 def lora_moe_delta_stacked(x: Tensor, expert_a: Tensor, expert_b: Tensor, weights: Tensor, scaling: float) -> Tensor:
     n, r, d_in = expert_a.shape
     d_out = expert_b.shape[1]
