@@ -126,3 +126,25 @@ def test_tiny_llama(tmp_path):
     assert t2(text)["input_ids"] == tok(text)["input_ids"]
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, m2(**batch).logits, atol=1e-5)
+
+
+def test_trainer_step_with_gradient_checkpointing(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, processor = build_tiny_llava(seed=0)
+    model.train()
+    text = _prompt(processor) + "A cat.<|im_end|>"
+    batch = processor(text=[text], images=[_image()], return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    row = {k: v[0] for k, v in batch.items()}
+    row["labels"] = labels[0]
+    before = model.model.multi_modal_projector.linear_1.weight.detach().clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=1, learning_rate=1e-2,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=[row, row]).train()
+    assert model.model.language_model.gradient_checkpointing
+    assert not torch.equal(before, model.model.multi_modal_projector.linear_1.weight)
