@@ -35,7 +35,7 @@ class AdapterConfig:
     with PEFT's own matcher. exclude_modules: the same, for modules never to adapt.
     modules_to_save: modules trained whole and saved with the adapter (default: LLaVA's
     projector, where the model has one). task_names: the task behind each task id, saved with the
-    adapter. fast_path: use the fused kernels where they apply (False forces the reference).
+    adapter. base_model_name_or_path: what the adapter was trained on (as in PEFT). fast_path: use the fused kernels where they apply (False forces the reference).
     compute_dtype: "input" runs the adapter matmuls in the input's dtype (bf16 under a bf16 base,
     as torch.autocast and the HF Trainer's bf16 mode do) with float32 parameters, so the optimizer
     state stays float32; "float32" upcasts the input instead (PEFT's default, slower).
@@ -53,6 +53,7 @@ class AdapterConfig:
     task_names: list[str] | None = None
     fast_path: bool = True
     compute_dtype: str = "input"
+    base_model_name_or_path: str | None = None
 
     # Read by peft's check_target_module_exists.
     target_parameters: ClassVar[None] = None
