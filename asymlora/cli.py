@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     results = evaluate(model, processor, dict(zip(args.benchmark, args.data)), out, route=args.route, task=args.task,
                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, split=args.split,
-                       image_root=args.image_root, limit=args.limit, on_progress=progress)
+                       image_root=args.image_root, limit=args.limit, tasks=args.tasks, on_progress=progress)
     for bar in bars.values():
         bar.close()
     print((out / "metrics.md").read_text())
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, help="first N samples of each benchmark")
+    p.add_argument("--tasks", nargs="*", help="suite only: which tasks to evaluate (default: all)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("table", help="the papers' comparison table from several eval runs")

@@ -62,9 +62,12 @@ def task_router(model, route: str | None, task: str | None) -> Callable[[EvalSam
 
 def evaluate(model, processor, benchmarks: dict[str, str | Path], out_dir: str | Path, *, route: str | None = None,
              task: str | None = None, batch_size: int = 16, max_new_tokens: int = 32, split: str = "test",
-             image_root: str | Path | None = None, limit: int | None = None,
+             image_root: str | Path | None = None, limit: int | None = None, tasks: Sequence[str] | None = None,
              on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate ``model`` on each ``{benchmark name: data path}``; returns ``{name: metrics}``."""
+    """Evaluate ``model`` on each ``{benchmark name: data path}``; returns ``{name: metrics}``.
+
+    ``tasks`` restricts the generated suite to those tasks (default: every task it holds).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     route_of = task_router(model, route, task)
@@ -75,7 +78,7 @@ def evaluate(model, processor, benchmarks: dict[str, str | Path], out_dir: str |
         if name == "suite":
             from ..data.suite import score_task
 
-            for task_name, samples in suite_samples(data, split).items():
+            for task_name, samples in suite_samples(data, split, tasks).items():
                 samples = samples[:limit] if limit else samples
                 preds = run_predictions(samples, generate_batch, out_dir / f"suite.{task_name}.predictions.jsonl",
                                         batch_size=batch_size,
