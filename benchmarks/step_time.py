@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
                 torch._dynamo.reset()
                 print(f"[{size}] {name:18s} {mode:8s} {row[mode]}", flush=True)
+                payload["results"][str(size)] = {"shape": shape, "variants": rows | {name: row}, "partial": True}
+                write_results(args.name, payload, args.out)  # a call cut short still leaves its numbers
             ok = {m: r for m, r in row.items() if "ms" in r}
             if ok:
                 best_mode = min(ok, key=lambda m: ok[m]["ms"])
