@@ -5,8 +5,9 @@
    "three": they conflict); ``vqa_color`` and ``vqa_shape`` read the same scenes (they share);
    ``digits`` classifies scikit-learn's real 8x8 digits.
 2. Pretrain a small LLaVA-style model (CLIP-style tower, projector, Llama decoder, all random
-   at first) on generated image descriptions and yes/no questions: the base learns to see and
-   to talk about colours, shapes and counts, but not the downstream answer formats.
+   at first) on generated image descriptions, yes/no questions and multiple-choice digits: the
+   base learns to see and to talk about colours, shapes, counts and digits, but not the
+   downstream answer formats.
 3. With the base frozen, train plain LoRA (PEFT), LoRA-MoE, AsymLoRA and MixLoRA on the
    mixture with one budget (steps, batch, learning rate), and one LoRA per task (the
    specialists), through the library's own trainer.
@@ -26,7 +27,9 @@ import torch
 
 from .data.suite import demo_tasks, generate_suite, mixture_config
 
-PRETRAIN_TASKS = ["describe", "mme"]
+# What the base learns before any adapter: to see and talk about scenes (descriptions, yes/no
+# questions) and to tell digits apart (multiple choice), but none of the downstream answer formats.
+PRETRAIN_TASKS = ["describe", "mme", "digit_mc"]
 
 
 @dataclass
@@ -42,8 +45,14 @@ class DemoSettings:
         return dict(n_train=320, n_val=16, n_test=64, image_size=32)
 
     @property
+    def pretrain_sizes(self) -> dict:
+        if self.quick:
+            return dict(n_train=48, n_val=4, n_test=4, image_size=32)
+        return dict(n_train=900, n_val=4, n_test=4, image_size=32)
+
+    @property
     def pretrain_steps(self) -> int:
-        return 20 if self.quick else 700
+        return 20 if self.quick else 600
 
     @property
     def finetune_steps(self) -> int:
@@ -69,7 +78,8 @@ def method_adapters(num_tasks: int) -> dict[str, dict]:
 
 def pretrain_base(settings: DemoSettings, suite_dir: Path, base_dir: Path,
                   progress: Callable[[str, int, int], None] | None) -> dict:
-    """Full training of the small LLaVA on the pretraining tasks; saved as a llava-hf folder."""
+    """Full training of the small LLaVA on the pretraining tasks (their own generated suite, with a
+    different seed from the demo tasks' images); saved as a llava-hf folder."""
     from torch.utils.data import DataLoader
 
     from .data import DataCollator, Mixture
@@ -189,11 +199,14 @@ def run_demo(settings: DemoSettings, progress: Callable[[str, int, int], None] |
     out.mkdir(parents=True, exist_ok=True)
     tasks = demo_tasks()
     suite_dir = out / "suite"
-    generate_suite(suite_dir, seed=settings.seed, tasks=tasks + PRETRAIN_TASKS, **settings.sizes)
-    say(f"generated {len(tasks)} demo tasks + {len(PRETRAIN_TASKS)} pretraining tasks in {suite_dir}")
+    generate_suite(suite_dir, seed=settings.seed, tasks=tasks, **settings.sizes)
+    pretrain_dir = out / "pretrain_suite"
+    generate_suite(pretrain_dir, seed=settings.seed + 1000, tasks=PRETRAIN_TASKS, heldout_train=True,
+                   **settings.pretrain_sizes)
+    say(f"generated {len(tasks)} demo tasks in {suite_dir} and {len(PRETRAIN_TASKS)} pretraining tasks in {pretrain_dir}")
 
     base_dir = out / "base"
-    pre = pretrain_base(settings, suite_dir, base_dir, progress)
+    pre = pretrain_base(settings, pretrain_dir, base_dir, progress)
     say(f"pretrained the base ({pre['steps']} steps, loss {pre['first_loss']:.2f} -> {pre['last_loss']:.2f}, "
         f"{pre['seconds']:.0f} s)")
 
@@ -229,7 +242,7 @@ def run_demo(settings: DemoSettings, progress: Callable[[str, int, int], None] |
     minutes = (time.perf_counter() - started) / 60
     report = "\n".join([
         "# asymlora demo", "",
-        f"Base: a small LLaVA-style model ({pre['parameters'] / 1e6:.1f} M parameters) pretrained here on generated descriptions and yes/no questions "
+        f"Base: a small LLaVA-style model ({pre['parameters'] / 1e6:.1f} M parameters) pretrained here on generated descriptions, yes/no questions and multiple-choice digits "
         f"({pre['steps']} steps); every method then trained {settings.finetune_steps} steps of 16 samples on the "
         f"mixture of {', '.join(tasks)}; scores on {settings.sizes['n_test']} held-out samples per task (exact match or "
         "VQA accuracy, percent). count_digit and count_word ask the same question about the same images with "
