@@ -35,8 +35,11 @@ def suite_samples(root: str | Path, split: str = "test", tasks: Sequence[str] | 
     return out
 
 
-def task_router(model, route: str | None, task: str | None) -> Callable[[EvalSample], int | None]:
-    """How each sample is routed: a fixed ``task``, ``route="learned"`` (no ids), or its own task."""
+def task_router(model, route: str | None, task: str | None,
+                task_alias: dict[str, str] | None = None) -> Callable[[EvalSample], int | None]:
+    """How each sample is routed: a fixed ``task``, ``route="learned"`` (no ids), or its own task
+    (``task_alias`` maps a benchmark task to the adapter task it was trained under, e.g. a
+    suite task to its domain)."""
     names = list(getattr(model, "task_names", None) or [])
     if task is not None:
         if task not in names:
@@ -48,6 +51,7 @@ def task_router(model, route: str | None, task: str | None) -> Callable[[EvalSam
 
     def own(sample: EvalSample) -> int | None:
         name = sample.meta.get("task")
+        name = (task_alias or {}).get(name, name)
         if name is None or name not in names:
             if getattr(getattr(model, "config", None), "routing", None) == "task":
                 raise ValueError(
@@ -63,6 +67,7 @@ def task_router(model, route: str | None, task: str | None) -> Callable[[EvalSam
 def evaluate(model, processor, benchmarks: dict[str, str | Path], out_dir: str | Path, *, route: str | None = None,
              task: str | None = None, batch_size: int = 16, max_new_tokens: int = 32, split: str = "test",
              image_root: str | Path | None = None, limit: int | None = None, tasks: Sequence[str] | None = None,
+             task_alias: dict[str, str] | None = None,
              on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate ``model`` on each ``{benchmark name: data path}``; returns ``{name: metrics}``.
 
@@ -70,7 +75,7 @@ def evaluate(model, processor, benchmarks: dict[str, str | Path], out_dir: str |
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    route_of = task_router(model, route, task)
+    route_of = task_router(model, route, task, task_alias)
     generate_batch = make_generate_batch(model, processor, route_of, max_new_tokens=max_new_tokens)
     results: dict[str, dict[str, float]] = {}
     metrics_path = out_dir / "metrics.json"
