@@ -30,10 +30,14 @@ class RoutingContext:
     pooled_cache: set during ``generate``: instance routing is decided once on the prompt (the
     prefill step) and reused for every generated token, so the cached decode steps (which see one
     token) route exactly as the prompt did.
+    pool_mask: (batch, seq), the positions instance routing averages: in training the prompt
+    only (attention mask and labels == -100), so the router never sees the answer it will not
+    have at inference; None means the attention mask.
     """
 
     task_ids: Tensor | None = None
     attention_mask: Tensor | None = None
+    pool_mask: Tensor | None = None
     pooled_cache: dict[str, Tensor] | None = None
     recording: bool = True
     aux_losses: dict[str, list[Tensor]] = field(default_factory=dict)
@@ -74,14 +78,20 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 def pooled_input(x: Tensor, ctx: RoutingContext | None, key: str, include_padding: bool = False) -> Tensor:
     """Instance representation ``(batch, d_in)``: the mean of ``x`` over the sample's tokens.
 
-    ``include_padding=False`` (default) averages non-padding tokens only, as the issue asks;
+    ``include_padding=False`` (default) averages the sample's prompt tokens (``ctx.pool_mask``;
+    without labels, every non-padding token), so training and generation route on the same thing;
     ``True`` averages every position as VT-NLP/MixLoRA's selector does (selector.py:135-139).
     In generation the prompt's pooled input is cached per layer and reused for decode steps.
     """
     cache = None if ctx is None else ctx.pooled_cache
     if cache is not None and key in cache:
         return cache[key]
-    mask = x.new_ones(x.shape[:2]) if include_padding else valid_token_mask(x, ctx)
+    if include_padding:
+        mask = x.new_ones(x.shape[:2])
+    elif ctx is not None and ctx.pool_mask is not None and ctx.pool_mask.shape[:2] == x.shape[:2]:
+        mask = ctx.pool_mask.to(device=x.device, dtype=torch.float32)
+    else:
+        mask = valid_token_mask(x, ctx)
     pooled = masked_mean(x, mask)
     if cache is not None:
         cache[key] = pooled

@@ -69,3 +69,22 @@ def test_generation_keeps_the_prompt_routing_for_new_tokens():
         fast = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         slow = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
         assert torch.equal(fast, slow)
+
+
+def test_instance_routing_in_training_sees_only_the_prompt():
+    """With labels, instance pooling averages the prompt (labels == -100) only, so the route a
+    sample gets in training is the route it gets at inference, before any answer exists."""
+    model = get_model(tiny_llama(seed=5), MixLoraConfig(r=2, num_factors=6))
+    prompt = torch.randint(1, 97, (2, 5))
+    answer = torch.randint(1, 97, (2, 3))
+    full = torch.cat([prompt, answer], 1)
+    labels = full.clone()
+    labels[:, :5] = -100
+    with model.collect_routing(stats=False, selections=True):
+        model(input_ids=full, attention_mask=torch.ones_like(full), labels=labels)
+        trained = dict(model.routing_context.selections)
+        model(input_ids=prompt, attention_mask=torch.ones_like(prompt))
+        inferred = dict(model.routing_context.selections)
+    assert trained.keys() == inferred.keys()
+    for key in trained:
+        assert torch.equal(trained[key], inferred[key]), key
