@@ -46,13 +46,13 @@ class AsymLoraLinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.shared_a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
 
-    def delta(self, x: Tensor, ctx: RoutingContext | None, base: Tensor | None = None) -> Tensor:
+    def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)
         index = hard_task_index(ctx, self.config, x.shape[0])
         dtype = self.compute_dtype(x)
         x = self.dropout(x.to(dtype))
         return asym_lora_delta(x, self.shared_a.to(dtype), self.expert_b.to(dtype), weights, self.scaling,
-                               self.fast_path, index, base)
+                               self.fast_path, index)
 
     def task_lora(self, task: int) -> tuple[Tensor, Tensor]:
         return self.shared_a, self.expert_b[task]

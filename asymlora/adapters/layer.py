@@ -9,7 +9,7 @@ from .routing import RoutingContext
 
 
 class AdapterLayer(nn.Module):
-    """Wraps a frozen ``nn.Linear``: ``y = W x + Δ(x)``; subclasses define ``delta``.
+    """Wraps a frozen ``nn.Linear``: ``y = W x + delta(x)``; subclasses define ``delta``.
 
     Adapter parameters are kept in float32 (as PEFT does by default) whatever the base dtype; the
     delta is computed there and cast to the base output's dtype.
@@ -37,11 +37,9 @@ class AdapterLayer(nn.Module):
         result = self.base_layer(x)
         if self.merged_task is not None:
             return result
-        return self.delta(x, routing, result)
+        return result + self.delta(x, routing).to(result.dtype)
 
-    def delta(self, x: Tensor, ctx: RoutingContext | None, base: Tensor | None = None) -> Tensor:
-        """``base + Δ(x)``: the adapter's update accumulated into the frozen output (Δ alone
-        without ``base``)."""
+    def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         raise NotImplementedError
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:

@@ -130,7 +130,7 @@ class MixLoraLinear(AdapterLayer):
         kept = torch.softmax(scores.gather(-1, index), -1)
         return kept * self.config.r
 
-    def delta(self, x: Tensor, ctx: RoutingContext | None, base: Tensor | None = None) -> Tensor:
+    def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         pooled = pooled_input(x, ctx, self.name, include_padding=self.config.pool_padding)
         index_a, index_b, coef_a, coef_b, scores_a, scores_b = self.select(pooled)
         if ctx is not None:
@@ -138,7 +138,7 @@ class MixLoraLinear(AdapterLayer):
         dtype = self.compute_dtype(x)
         x = self.dropout(x.to(dtype))
         return mix_lora_delta(x, self.factor_a.to(dtype), self.factor_b.to(dtype), index_a, index_b, coef_a, coef_b,
-                              self.scaling, self.fast_path, base)
+                              self.scaling, self.fast_path)
 
     def _record(self, ctx: RoutingContext, index_a: Tensor, index_b: Tensor, scores_a: Tensor, scores_b: Tensor) -> None:
         if not ctx.recording or not (ctx.collect_stats or ctx.collect_selections):

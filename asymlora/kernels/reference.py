@@ -8,11 +8,6 @@ import torch
 from torch import Tensor
 
 
-def with_base(base: Tensor | None, delta: Tensor) -> Tensor:
-    """The layer's output: the frozen base output plus the delta (or the delta alone)."""
-    return delta if base is None else base + delta.to(base.dtype)
-
-
 def asym_lora_delta_reference(x: Tensor, shared_a: Tensor, expert_b: Tensor, weights: Tensor, scaling: float) -> Tensor:
     """AsymLoRA (seed 000, Eq. 3): ``s · Σ_i w_i(x) · B_i (A x)``.
 
