@@ -39,10 +39,7 @@ class AsymLoraLinear(AdapterLayer):
         self.config = config
         self.shared_a = self._new_parameter(config.r, self.in_features)
         self.expert_b = self._new_parameter(config.num_experts, self.out_features, config.r)
-        self.router = (
-            nn.Linear(self.in_features, config.num_experts, bias=False, device=base_layer.weight.device)
-            if config.has_router else None
-        )
+        self.router = self._expert_router(config)
         nn.init.kaiming_uniform_(self.shared_a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
 

@@ -33,6 +33,13 @@ class AdapterLayer(nn.Module):
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
 
+    def _expert_router(self, config) -> nn.Linear | None:
+        """The gate ``Linear(d_in, N)`` of an expert layer (bias-free, nn.Linear's Kaiming init, as
+        the text HydraLoRA code), or None when routing is by task id."""
+        if not config.has_router:
+            return None
+        return nn.Linear(self.in_features, config.num_experts, bias=False, device=self.base_layer.weight.device)
+
     def forward(self, x: Tensor, routing: RoutingContext | None = None) -> Tensor:
         result = self.base_layer(x)
         if self.merged_task is not None:

@@ -34,10 +34,7 @@ class LoraMoeLinear(AdapterLayer):
         self.config = config
         self.expert_a = self._new_parameter(config.num_experts, config.r, self.in_features)
         self.expert_b = self._new_parameter(config.num_experts, self.out_features, config.r)
-        self.router = (
-            nn.Linear(self.in_features, config.num_experts, bias=False, device=base_layer.weight.device)
-            if config.has_router else None
-        )
+        self.router = self._expert_router(config)
         for a in self.expert_a.data:  # each expert initialised as its own LoRA A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
