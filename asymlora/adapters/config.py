@@ -7,6 +7,10 @@ Vocabulary follows PEFT (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modul
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,6 +29,53 @@ class ConfigError(ValueError):
 
 def _fail(config: Any, name: str, message: str) -> None:
     raise ConfigError(f"{type(config).__name__}.{name} {message}")
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits a field annotation: ``int`` (not bool), ``float`` (int or float, finite),
+    ``bool``, ``str``, ``None``, ``list[X]`` (a list or tuple of X), ``Literal[...]``, ``dict``, a
+    class, and unions of these."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is Any:
+        return True
+    if origin is typing.Literal:
+        return any(value == v and type(value) is type(v) for v in typing.get_args(hint))
+    if origin in (dict, tuple):
+        return isinstance(value, (dict,) if origin is dict else (list, tuple))
+    return isinstance(value, hint)
+
+
+def type_name(hint: Any) -> str:
+    """``list[str] | str`` -> "list[str] | str" (how errors describe a field's type)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list[{type_name(typing.get_args(hint)[0])}]"
+    if typing.get_origin(hint) is typing.Literal:
+        return " | ".join(repr(v) for v in typing.get_args(hint))
+    return "null" if hint is type(None) else ("finite float" if hint is float else getattr(hint, "__name__", str(hint)))
+
+
+def check_field_types(config: Any) -> None:
+    """Raise ConfigError naming the first field of the dataclass ``config`` whose value does not fit its annotation."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not matches_type(value, hints[f.name]):
+            _fail(config, f.name, f"must be {type_name(hints[f.name])}, got {value!r:.200}")
 
 
 @dataclass
@@ -48,8 +99,8 @@ class AdapterConfig:
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     exclude_modules: list[str] | str | None = DEFAULT_EXCLUDE_MODULES
     modules_to_save: list[str] | None = field(default_factory=lambda: list(DEFAULT_MODULES_TO_SAVE))
-    layers_to_transform: list[int] | None = None
-    layers_pattern: str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     task_names: list[str] | None = None
     fast_path: bool = True
     compute_dtype: str = "input"
@@ -68,12 +119,19 @@ class AdapterConfig:
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             _fail(self, "r", f"must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or not self.lora_alpha > 0:
             _fail(self, "lora_alpha", f"must be a positive number, got {self.lora_alpha!r}")
+        check_field_types(self)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             _fail(self, "lora_dropout", f"must lie in [0, 1), got {self.lora_dropout!r}")
         if not self.target_modules:
             _fail(self, "target_modules", "must name at least one module (a list of suffixes or a regex)")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):  # PEFT matches these as regexes
+            for pattern in [getattr(self, name)] if isinstance(getattr(self, name), str) else getattr(self, name) or []:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    _fail(self, name, f"{pattern!r} is not a valid regular expression ({err})")
         if self.compute_dtype not in ("input", "float32"):
             _fail(self, "compute_dtype", f"must be 'input' or 'float32', got {self.compute_dtype!r}")
         if self.task_names is not None:
@@ -88,7 +146,7 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "AdapterConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"method", "asymlora_version"})
+        unknown = sorted(set(data) - known - {"method", "asymlora_version"}, key=str)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; valid: {sorted(known)}")
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -125,6 +183,9 @@ class ExpertConfig(AdapterConfig):
             _fail(self, "load_balancing", f"must be one of {LOAD_BALANCING}, got {self.load_balancing!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             _fail(self, "top_k", f"must lie in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        for name in ("load_balancing_coef", "task_supervision_coef"):
+            if getattr(self, name) < 0:
+                _fail(self, name, f"must be >= 0, got {getattr(self, name)!r}")
         if self.task_names is not None and self.routing in ("task", "task_supervised"):
             if len(self.task_names) > self.num_experts:
                 _fail(self, "task_names", f"has {len(self.task_names)} tasks but num_experts is {self.num_experts}: "

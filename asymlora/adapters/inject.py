@@ -8,7 +8,10 @@
   ``forward`` / ``generate`` and stays until the next call, so gradient-checkpointing
   recomputation in the backward pass routes exactly as the forward did.
 - Files: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT-style keys
-  (``base_model.model.<module>.<tensor>``), written atomically; adapters load from safetensors only.
+  (``base_model.model.<module>.<tensor>``), written atomically; adapters load from safetensors only
+  (never a pickle), and the file's header (names, shapes, dtypes) is checked against what the config
+  and the base model imply before any adapter tensor is allocated, so a hostile or mismatched folder
+  is refused with a ValueError / ConfigError / FileNotFoundError that names it.
 - PEFT's ``PeftType`` is a closed enum, so these methods are not registered with PEFT; plain
   LoRA is PEFT's own (see :class:`PeftLoraModel`) and ``export_lora`` writes PEFT LoRA folders.
 """
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -25,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -136,6 +141,7 @@ class AdapterModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         config.validate()
+        _check_fits_in_memory(base_model, config)
         self.base_model = base_model
         self.config = config
         self._context = RoutingContext()
@@ -190,9 +196,14 @@ class AdapterModel(nn.Module):
         batch = ids.shape[0] if isinstance(ids, Tensor) else None
         self._check_task_ids(task_ids, batch)
         old = self._context
+        mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+        pool_mask = None
+        if isinstance(labels, Tensor) and isinstance(ids, Tensor) and labels.shape == ids.shape:
+            pool_mask = (labels == -100) & (mask.bool() if isinstance(mask, Tensor) else True)
         self._context = RoutingContext(
             task_ids=task_ids,
-            attention_mask=kwargs.get("attention_mask"),
+            attention_mask=mask,
+            pool_mask=pool_mask,
             pooled_cache={} if generating else None,
             collect_stats=old.collect_stats,
             collect_selections=old.collect_selections,
@@ -288,38 +299,29 @@ class AdapterModel(nn.Module):
             return getattr(super().__getattr__("base_model"), name)
 
     # ----------------------------------------------------------------- save / load
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically).
+
+        ``state_dict``: the tensors to write instead of :meth:`adapter_state_dict` (the same keys),
+        e.g. gathered whole from FSDP shards.
+        """
         if self.merged_task is not None:
             raise RuntimeError("save_pretrained on a merged model would save merged base weights: unmerge() first")
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(self.adapter_state_dict(), path / WEIGHTS_NAME, metadata={"format": "pt"})
+        tensors = self.adapter_state_dict() if state_dict is None else state_dict
+        atomic_save_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
         data = {"asymlora_version": _version(), **self.config.to_dict()}
         atomic_write_bytes(path / CONFIG_NAME, (json.dumps(data, indent=2) + "\n").encode())
 
     def load_adapter_weights(self, path: Path) -> None:
-        file = Path(path) / WEIGHTS_NAME
-        if not file.is_file():
-            others = sorted(p.name for p in Path(path).glob("adapter_model.*"))
-            raise FileNotFoundError(
-                f"{file} not found" + (f"; found {others}: adapters load from safetensors only" if others else "")
-            )
+        file = weights_file(path)
+        expected = self.adapter_state_dict()
+        check_weights_header(file, {k: tuple(v.shape) for k, v in expected.items()})
         try:
             loaded = load_file(str(file))
         except Exception as err:  # safetensors raises several types for corrupt files
             raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
-        expected = self.adapter_state_dict()
-        missing = sorted(set(expected) - set(loaded))
-        unexpected = sorted(set(loaded) - set(expected))
-        shapes = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in loaded and loaded[k].shape != v.shape]
-        if missing or unexpected or shapes:
-            raise ValueError(
-                f"{file} does not fit this model and adapter_config.json: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}"
-            )
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(loaded[key])
@@ -417,8 +419,9 @@ class PeftLoraModel(nn.Module):
     def auxiliary_loss(self) -> None:
         return None
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        self.peft_model.save_pretrained(str(save_directory), safe_serialization=True)
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+        """PEFT's own; ``state_dict`` (the PEFT model's parameter names) replaces the live tensors."""
+        self.peft_model.save_pretrained(str(save_directory), safe_serialization=True, state_dict=state_dict)
         if self.task_names:
             atomic_write_bytes(Path(save_directory) / "task_names.json", json.dumps(self.task_names).encode())
 
@@ -438,7 +441,11 @@ def get_model(base_model: nn.Module, config: Any) -> AdapterModel | PeftLoraMode
 
     if isinstance(config, LoraConfig):
         task_names = getattr(config, "_asymlora_task_names", None)
-        peft_model = get_peft_model(base_model, config)
+        _check_fits_in_memory(base_model, config)
+        try:
+            peft_model = get_peft_model(base_model, config)
+        except ValueError as err:  # PEFT's config checks, e.g. target_modules that match nothing
+            raise ConfigError(f"LoraConfig: {err}") from None
         peft_model.asymlora_task_names = task_names
         return PeftLoraModel(peft_model)
     if not isinstance(config, AdapterConfig) or config.method not in METHODS:
@@ -451,12 +458,129 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not an adapter folder")
     try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from None
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{file} is not valid JSON: {type(err).__name__}: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object")
     return data
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """``path/adapter_model.safetensors``; FileNotFoundError if absent (a pickle beside it is never read)."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        others = sorted(p.name for p in Path(path).glob("adapter_model.*"))
+        raise FileNotFoundError(
+            f"{file} not found" + (f"; found {others}: adapters load from safetensors only" if others else "")
+        )
+    return file
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, dtype)}`` from a safetensors file's header, without reading its tensors."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as err:  # safetensors raises several types for corrupt headers
+        raise ValueError(f"{file} is not a readable safetensors file: {type(err).__name__}: {err}") from None
+
+
+def check_weights_header(file: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a weights file whose tensor names, shapes or dtypes differ from ``expected``."""
+    header = safetensors_header(file)
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    shapes = [f"{k}: file {header[k][0]} vs model {shape}" for k, shape in expected.items()
+              if k in header and header[k][0] != tuple(shape)]
+    dtypes = sorted({f"{k}: {header[k][1]}" for k in expected if k in header and header[k][1] not in FLOAT_DTYPES})
+    if missing or unexpected or shapes or dtypes:
+        raise ValueError(
+            f"{file} does not fit this model and adapter_config.json: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}"
+            + (f", not floating point {dtypes[:5]}" if dtypes else "")
+        )
+
+
+def _adapter_layer_shapes(base_model: nn.Module, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every adapter-layer tensor, from the layers built on the meta device (nothing is
+    allocated, whatever sizes the config asks for)."""
+    layer_cls = METHODS[config.method][1]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in find_target_linears(base_model, config):
+        linear = base_model.get_submodule(name)
+        meta = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        for key, value in layer_cls(meta, config, name).adapter_state_dict().items():
+            shapes[f"{KEY_PREFIX}{name}.{key}"] = tuple(value.shape)
+    return shapes
+
+
+def _check_fits_in_memory(base_model: nn.Module, config: Any) -> None:
+    """Refuse, before allocating, an adapter on CPU larger than the machine's memory (a typo'd ``r``
+    would otherwise be allocated lazily and the process killed when it is initialised)."""
+    device = next(iter(base_model.parameters()), torch.empty(0)).device
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if device.type != "cpu" or memory <= 0:
+        return
+    if isinstance(config, AdapterConfig):
+        numel = sum(math.prod(shape) for shape in _adapter_layer_shapes(base_model, config).values())
+    else:  # PEFT LoRA: A (r x in) and B (out x r) per matched linear
+        numel = sum(config.r * (m.in_features + m.out_features) for name, m in base_model.named_modules()
+                    if isinstance(m, nn.Linear) and check_target_module_exists(config, name))
+    if numel * 4 > memory:
+        raise ConfigError(
+            f"{type(config).__name__}: the adapter would hold {numel:,d} float32 parameters ({numel * 4 / 2**30:.0f} GiB), "
+            f"more than this machine's {memory / 2**30:.0f} GiB of memory; check r, num_experts / num_factors"
+        )
+
+
+def expected_adapter_shapes(base_model: nn.Module, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor ``AdapterModel(base_model, config)`` would save (adapter layers on
+    the meta device, then the modules_to_save)."""
+    shapes = _adapter_layer_shapes(base_model, config)
+    for name in _resolve_modules_to_save(base_model, config):
+        for key, value in base_model.get_submodule(name).state_dict().items():
+            shapes[f"{KEY_PREFIX}{name}.{key}"] = tuple(value.shape)
+    return shapes
+
+
+def _load_peft_lora(base_model: nn.Module, path: Path, data: dict[str, Any], is_trainable: bool) -> "PeftLoraModel":
+    """PEFT's own loader, after checking the file's LoRA ranks against the config's ``r`` (so a
+    hostile ``r`` cannot make PEFT allocate before the shapes are compared); PEFT's errors on a
+    config or weights that do not fit become one ValueError naming the folder."""
+    from peft import PeftModel
+
+    file = weights_file(path)
+    r = data.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ConfigError(f"{path / CONFIG_NAME}: field 'r' must be a positive integer, got {r!r}")
+    if not data.get("rank_pattern"):
+        wrong = [f"{k}: {shape}" for k, (shape, _) in safetensors_header(file).items()
+                 if (k.endswith("lora_A.weight") and shape[:1] != (r,)) or (k.endswith("lora_B.weight") and shape[1:] != (r,))]
+        if wrong:
+            raise ValueError(f"{file}: LoRA tensors whose rank is not r={r} of {path / CONFIG_NAME}: {wrong[:5]}")
+    try:
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a PEFT LoRA adapter that fits this model: {type(err).__name__}: {err}") from None
+    wrapper = PeftLoraModel(model)
+    names_file = path / "task_names.json"
+    if names_file.is_file():
+        try:
+            names = json.loads(names_file.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{names_file} is not valid JSON: {err}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{names_file} must hold a JSON list of task names, got {names!r:.200}")
+        model.asymlora_task_names = names
+    return wrapper
 
 
 def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
@@ -467,6 +591,10 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> Ad
         return METHODS[method][0].from_dict(data, source)
     except TypeError as err:
         raise ConfigError(f"{source}: {err}") from None
+    except ConfigError as err:
+        if str(err).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def from_pretrained(base_model: nn.Module, path: str | os.PathLike, is_trainable: bool = False) -> AdapterModel | PeftLoraModel:
@@ -474,16 +602,10 @@ def from_pretrained(base_model: nn.Module, path: str | os.PathLike, is_trainable
     data = read_adapter_config(path)
     source = str(Path(path) / CONFIG_NAME)
     if data.get("peft_type") == "LORA":
-        from peft import PeftModel
-
-        if not (Path(path) / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{Path(path) / WEIGHTS_NAME} not found: adapters load from safetensors only")
-        model = PeftLoraModel(PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable))
-        names_file = Path(path) / "task_names.json"
-        if names_file.is_file():
-            model.peft_model.asymlora_task_names = json.loads(names_file.read_text())
-        return model
-    model = AdapterModel(base_model, config_from_dict(data, source))
+        return _load_peft_lora(base_model, Path(path), data, is_trainable)
+    config = config_from_dict(data, source)
+    check_weights_header(weights_file(path), expected_adapter_shapes(base_model, config))
+    model = AdapterModel(base_model, config)
     model.load_adapter_weights(Path(path))
     if not is_trainable:
         for p in model.parameters():

@@ -144,6 +144,9 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as exc:
             raise _malformed(f"{path}:{exc.lineno}", f"{exc.msg} at column {exc.colno} "
                              "(a broken JSON list cannot be skipped, fix the file)") from None
+        except RecursionError:
+            raise _malformed(f"{path}:{line_at(i)}", "nested too deeply to be a record "
+                             "(a broken JSON list cannot be skipped, fix the file)") from None
         yield line_at(i), obj
         i = skip(end)
         if i < len(text) and text[i] == ",":
@@ -196,6 +199,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any | DataError]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 yield lineno, _malformed(f"{path}:{lineno}", f"{exc.msg} at column {exc.colno}")
+            except RecursionError:
+                yield lineno, _malformed(f"{path}:{lineno}", "nested too deeply to be a record")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ optimizer / scheduler / RNG state (``trainer_state.pt``, loaded with ``weights_o
 and plain containers only, never code), and ``MANIFEST.json`` with the sha256 of every file.
 It is written into a temporary folder, every file fsync'ed, the manifest written last, and the
 folder renamed into place: a reader sees a whole checkpoint or none. On resume the newest
-checkpoint whose files match their manifest is used; a truncated or corrupt one is reported and
-skipped in favour of the one before.
+checkpoint whose files match their manifest and whose state loads is used; a truncated or corrupt
+one is reported and skipped in favour of the one before. Old checkpoints are renamed aside before
+they are deleted, so a kill during the deletion never leaves a half folder under a step name.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:06d}"
     tmp = checkpoints / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in [tmp, *checkpoints.glob(".*.trash")]:  # left by a run killed mid-write or mid-delete
+        if stale.exists():
+            shutil.rmtree(stale)
     tmp.mkdir()
     write_files(tmp)
     torch.save(state, tmp / STATE)
@@ -73,13 +75,22 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
         os.fsync(f.fileno())
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step replaces the old folder whole
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     _fsync_dir(checkpoints)
     if keep:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Rename aside (atomic), then delete: a kill midway leaves a ``.trash`` folder, never a half checkpoint."""
+    trash = folder.with_name(f".{folder.name}.trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -96,15 +107,18 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the write did not finish)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
-    for name, meta in files.items():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = {str(name): (int(meta["bytes"]), str(meta["sha256"])) for name, meta in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, UTF-8 or layout
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(err).__name__}: {err})") from None
+    present = {p.name for p in folder.iterdir() if p.name != MANIFEST}
+    if STATE not in files or present != set(files):
+        raise CheckpointError(f"{manifest_path}: lists {sorted(files)} but the folder holds {sorted(present)}")
+    for name, (size, sha256) in files.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != size or _sha256(path) != sha256:
             raise CheckpointError(f"{path}: size or sha256 differs from the manifest (truncated or corrupt)")
     return manifest
 
@@ -121,8 +135,28 @@ def latest_valid_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     return None, problems
 
 
+STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "position", "rng")
+
+
 def load_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of ``folder``: tensors and plain containers only (``weights_only=True``)."""
     try:
-        return torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint here
         raise CheckpointError(f"{folder / STATE}: cannot be read safely ({type(err).__name__}: {err})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{folder / STATE}: not a trainer state (missing {missing})")
+    return state
+
+
+def load_latest_checkpoint(root: Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that verifies and loads, its trainer state, and why each newer one was refused."""
+    problems = []
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(folder)
+            return folder, load_state(folder), problems
+        except CheckpointError as err:
+            problems.append(f"skipped {err}")
+    return None, None, problems

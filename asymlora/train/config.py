@@ -8,13 +8,14 @@ file and the key path, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..adapters.config import ConfigError
+from ..adapters.config import ConfigError, matches_type, type_name
 from ..adapters.inject import config_from_dict
 
 ADAPTER_METHODS = ("lora", "asymlora", "lora_moe", "mixlora")
@@ -74,17 +75,16 @@ def _section(cls, data: Any, name: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
-        default = getattr(cls(), key)
-        if default is not None and value is not None and not isinstance(value, type(default)):
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            else:
-                raise ConfigError(f"{source}: {name}.{key} must be {type(default).__name__}, got {value!r}")
+        if not matches_type(value, hints[key]):
+            raise ConfigError(f"{source}: {name}.{key} must be {type_name(hints[key])}, got {value!r:.200}")
+        if isinstance(value, int) and not isinstance(value, bool) and not matches_type(value, int | None):
+            value = float(value)  # an int given for a float field
         values[key] = value
     return cls(**values)
 
@@ -97,7 +97,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
-    return parts, yaml.safe_load(value) if value.strip() else None
+    try:
+        return parts, yaml.safe_load(value) if value.strip() else None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {err}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -120,6 +123,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     if raw is None:
@@ -131,7 +136,9 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 def run_config_from_dict(raw: dict[str, Any], source: str = "<config>", base_dir: str | Path | None = None) -> RunConfig:
-    unknown = sorted(set(raw) - {"model", "adapter", "data", "train"})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with model / adapter / data / train")
+    unknown = sorted(set(raw) - {"model", "adapter", "data", "train"}, key=str)
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; valid: model, adapter, data, train")
     adapter = raw.get("adapter") or {"method": "asymlora"}
@@ -160,6 +167,14 @@ def validate(config: RunConfig, base_dir: str | Path | None = None) -> None:
         (t.mixed_precision in ("no", "bf16"), "train.mixed_precision must be 'no' or 'bf16'"),
         (config.model.dtype in ("float32", "bfloat16"), "model.dtype must be float32 or bfloat16"),
         (t.save_steps >= 1 and t.logging_steps >= 1, "train.save_steps and train.logging_steps must be >= 1"),
+        (t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps must be >= 0 (or null)"),
+        (t.projector_learning_rate is None or t.projector_learning_rate > 0, "train.projector_learning_rate must be > 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm must be > 0 (or null: no clipping)"),
+        (t.save_total_limit is None or t.save_total_limit >= 1, "train.save_total_limit must be >= 1 (or null: keep all)"),
+        (t.num_workers >= 0, "train.num_workers must be >= 0"),
+        (t.stop_after_steps is None or t.stop_after_steps >= 1, "train.stop_after_steps must be >= 1 (or null)"),
+        (t.eval_steps is None or t.eval_steps >= 1, "train.eval_steps must be >= 1 (or null)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -167,6 +182,8 @@ def validate(config: RunConfig, base_dir: str | Path | None = None) -> None:
     adapter_config(config)  # validates the adapter section
     if not config.data:
         raise ConfigError(f"{source}: section 'data' is missing: it lists the datasets of the mixture")
+    if not isinstance(config.data, dict):
+        raise ConfigError(f"{source}: section 'data' must be a mapping with 'datasets', got {type(config.data).__name__}")
 
 
 def adapter_config(config: RunConfig, task_names: list[str] | None = None):
@@ -185,12 +202,21 @@ def adapter_config(config: RunConfig, task_names: list[str] | None = None):
 
         section.pop("method")
         names = section.pop("task_names", None)
+        if names is not None and not matches_type(names, list[str]):
+            raise ConfigError(f"{where}.task_names must be a list of task names, got {names!r:.200}")
+        hints = typing.get_type_hints(LoraConfig)
+        for key, value in section.items():
+            hint = float if key == "lora_alpha" else hints.get(key)  # PEFT annotates int but takes any number
+            if hint is not None and not matches_type(value, hint):
+                raise ConfigError(f"{where}.{key} must be {type_name(hint)}, got {value!r:.200}")
+        if section.get("r", 8) < 1 or section.get("lora_alpha", 8) <= 0 or not 0 <= section.get("lora_dropout", 0.0) < 1:
+            raise ConfigError(f"{where}: r must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
         section.setdefault("target_modules", list(DEFAULT_TARGET_MODULES))
         section.setdefault("exclude_modules", DEFAULT_EXCLUDE_MODULES)
         section.setdefault("modules_to_save", list(DEFAULT_MODULES_TO_SAVE))
         try:
             lora = LoraConfig(task_type="CAUSAL_LM", **section)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ConfigError(f"{where}: {err}") from None
         lora._asymlora_task_names = names
         return lora

@@ -3,7 +3,9 @@
 Built on accelerate rather than the transformers Trainer, because exact resume and atomic,
 verified checkpoints need control of what a checkpoint holds (the sampler's epoch and position,
 every RNG, the adapter alone rather than the whole model) and of when it is written; the
-Trainer hides both. accelerate still provides DDP / FSDP, autocast and gradient accumulation.
+Trainer hides both. accelerate still provides DDP / FSDP, autocast and gradient accumulation;
+what several processes need besides (CPU process groups, parameters a step leaves unused, agreeing
+on a failure) is in distributed.py.
 
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``batch_size`` samples.
 The loss is ``outputs.loss`` of the adapter model: language-modelling cross-entropy plus
@@ -26,8 +28,11 @@ from torch.utils.data import DataLoader
 
 from ..adapters.inject import AdapterModel, PeftLoraModel, get_model
 from ..data import DataCollator, Mixture
-from .checkpoint import latest_valid_checkpoint, load_state, save_checkpoint
+from .checkpoint import load_latest_checkpoint, load_state, save_checkpoint
 from .config import RunConfig, adapter_config
+from .distributed import (UnusedParameterGuard, accelerator_kwargs, any_process, check_fsdp_units, check_fsdp_version,
+                          check_launch, full_optimizer_state, full_tensors, is_sharded, load_full_optimizer_state,
+                          prepare_sharded)
 
 
 class TrainingError(RuntimeError):
@@ -164,20 +169,38 @@ def train(config: RunConfig, resume: bool = False, on_log: Callable[[dict[str, A
     """Train the adapter the config describes; ``on_log(record)`` gets every log record,
     ``on_step(step, max_steps)`` every finished optimizer step (the CLI draws its progress bar)."""
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
 
     t = config.train
     out_dir = Path(t.output_dir)
-    resume_folder, problems = (latest_valid_checkpoint(out_dir) if resume else (None, []))
-    for problem in problems:
-        if on_log:
-            on_log({"warning": problem})
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+                              **accelerator_kwargs())
+    check_launch(accelerator)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    log = on_log if (on_log and accelerator.is_main_process) else None
+
+    # The main process picks the checkpoint (the newest whose files match its manifest and whose
+    # state loads); every process then resumes from that one.
+    resume_folder, state = None, None
+    if resume:
+        found = [None, []]
+        if accelerator.is_main_process:
+            folder, state, problems = load_latest_checkpoint(out_dir)
+            found = [str(folder) if folder else None, problems]
+        if world > 1:
+            broadcast_object_list(found)
+        for problem in found[1]:
+            if log:
+                log({"warning": problem})
+        resume_folder = Path(found[0]) if found[0] else None
+        if resume_folder is not None and state is None:
+            state = load_state(resume_folder)
+        if resume_folder is None and log:
+            log({"warning": f"--resume: no valid checkpoint under {out_dir / 'checkpoints'}; starting from step 0"})
     task_names = None
     if resume_folder is not None:
         task_names = json.loads((resume_folder / "task_names.json").read_text())
-    elif resume and on_log:
-        on_log({"warning": f"--resume: no valid checkpoint under {out_dir / 'checkpoints'}; starting from step 0"})
 
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps)
     set_seed(t.seed)
     model, processor, mixture = build(config, task_names)
     num_tasks = len(mixture.task_names)
@@ -192,28 +215,46 @@ def train(config: RunConfig, resume: bool = False, on_log: Callable[[dict[str, A
 
     step, epoch, position = 0, 0, 0
     if resume_folder is not None:
-        state = load_state(resume_folder)
         load_adapter_state(model, resume_folder)
-        optimizer.load_state_dict(state["optimizer"])
+        if not state.get("optimizer_by_name"):
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        set_rng_state(state["rng"])
+        by_rank = state.get("rng_by_rank")
+        if by_rank and len(by_rank) != world and log:
+            log({"warning": f"{resume_folder} was written by {len(by_rank)} processes, resumed on {world}: "
+                            "the data order and the random streams differ from an uninterrupted run"})
+        set_rng_state(by_rank[rank] if by_rank and len(by_rank) == world else state["rng"])
+    check_fsdp_version(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    sharded = is_sharded(unwrapped)  # FSDP2: checkpoints gather the shards
+    if sharded:
+        check_fsdp_units(unwrapped, text_only_samples=any(not sample.has_images for sample in mixture.train))
+        prepare_sharded(unwrapped)
+    if resume_folder is not None:
+        written_sharded = bool(state.get("optimizer_by_name"))
+        if written_sharded != sharded:
+            raise TrainingError(f"{resume_folder} was written {'under' if written_sharded else 'without'} FSDP2: "
+                                "resume it the same way")
+        if sharded:
+            load_full_optimizer_state(model, optimizer, state["optimizer"])
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    guard = UnusedParameterGuard(unwrapped)  # outputs.loss touches what a step left unused
 
     writer = None
     if t.tensorboard and accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
 
     def micro_batches() -> Iterator[tuple[int, int, dict[str, Any]]]:
         nonlocal epoch, position
         while True:
-            batches = _batches_of_epoch(mixture, epoch, t.batch_size, accelerator.process_index, accelerator.num_processes)
+            batches = _batches_of_epoch(mixture, epoch, t.batch_size, rank, world)
             # Its own generator: creating a loader draws a seed, which must not shift the global
             # RNG (dropout) between an uninterrupted run and a resumed one.
             loader = DataLoader(train_set, batch_sampler=batches[position:], collate_fn=collator,
@@ -223,17 +264,32 @@ def train(config: RunConfig, resume: bool = False, on_log: Callable[[dict[str, A
                 yield batch
             epoch, position = epoch + 1, 0
 
-    def checkpoint(at_step: int) -> Path | None:
-        if not accelerator.is_main_process:
+    def adapter_tensors() -> dict[str, torch.Tensor] | None:
+        """Under FSDP2 the adapter's whole tensors, gathered by every process; else None (saved as is)."""
+        if not sharded:
             return None
+        if isinstance(unwrapped, AdapterModel):
+            return full_tensors(unwrapped.adapter_state_dict())
+        return full_tensors({n: p for n, p in unwrapped.peft_model.named_parameters() if p.requires_grad})
 
-        def write(folder: Path) -> None:
-            unwrapped.save_pretrained(folder)
-            (folder / "task_names.json").write_text(json.dumps(mixture.task_names))
+    def checkpoint(at_step: int) -> Path:
+        """Written by the main process (DDP keeps the replicas equal; FSDP2's shards are gathered
+        first), with every process's RNG state; every process returns the folder's path."""
+        rngs = gather_object([rng_state()]) if world > 1 else None
+        tensors = adapter_tensors()
+        optimizer_state = full_optimizer_state(model, optimizer) if sharded else None
+        if accelerator.is_main_process:
+            def write(folder: Path) -> None:
+                unwrapped.save_pretrained(folder, state_dict=tensors)
+                (folder / "task_names.json").write_text(json.dumps(mixture.task_names))
 
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": at_step,
-                 "epoch": epoch, "position": position, "rng": rng_state()}
-        return save_checkpoint(out_dir, at_step, write, state, keep=t.save_total_limit)
+            state = {"optimizer": optimizer_state if sharded else optimizer.state_dict(), "optimizer_by_name": sharded,
+                     "scheduler": scheduler.state_dict(), "step": at_step, "epoch": epoch, "position": position,
+                     "rng": rng_state()}
+            if rngs is not None:
+                state["rng_by_rank"] = rngs
+            save_checkpoint(out_dir, at_step, write, state, keep=t.save_total_limit)
+        return out_dir / "checkpoints" / f"step-{at_step:06d}"
 
     history: list[dict[str, Any]] = []
     stream = micro_batches()
@@ -260,12 +316,8 @@ def train(config: RunConfig, resume: bool = False, on_log: Callable[[dict[str, A
                 else:
                     outputs = model(**batch, task_ids=task_ids.to(accelerator.device))
                 loss = outputs.loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {step + 1}, micro-batch {micro}; samples "
-                        f"{sample_ids}; last good checkpoint: {last_checkpoint or 'none (nothing saved yet)'}. "
-                        "Lower train.learning_rate or check these samples, then resume with --resume."
-                    )
+                if any_process(accelerator, not bool(torch.isfinite(loss.detach()))):
+                    raise _non_finite_loss(accelerator, loss, step + 1, micro, sample_ids, last_checkpoint)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -283,6 +335,11 @@ def train(config: RunConfig, resume: bool = False, on_log: Callable[[dict[str, A
         if on_step:
             on_step(step, t.max_steps)
         if collect or step % t.logging_steps == 0 or step == stop_at:
+            if world > 1:  # the record describes every process's samples, not the main one's
+                totals = accelerator.reduce(torch.cat([torch.tensor([window["loss"], window["n"]]), window["task_sum"],
+                                                       window["task_tok"]]).to(accelerator.device), reduction="sum").cpu()
+                window.update(loss=float(totals[0]), n=int(totals[1]), task_sum=totals[2:2 + num_tasks],
+                              task_tok=totals[2 + num_tasks:])
             record = {"step": step, "loss": window["loss"] / max(window["n"], 1),
                       "lr": scheduler.get_last_lr()[0], "step_time_s": float(np.mean(step_times[-t.logging_steps:]))}
             record.update({k: v for k, v in unwrapped.last_loss_parts.items() if k != "lm_loss"})
@@ -297,29 +354,48 @@ def train(config: RunConfig, resume: bool = False, on_log: Callable[[dict[str, A
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)):
                         writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
-            if on_log and accelerator.is_main_process:
-                on_log(record)
+            if log:
+                log(record)
         if t.eval_steps and val_set is not None and step % t.eval_steps == 0:
             record = {"step": step, "val_loss": evaluate_loss(model, val_set, collator, t.batch_size, accelerator)}
             history.append(record)
             if writer:
                 writer.add_scalar("val/loss", record["val_loss"], step)
-            if on_log:
-                on_log(record)
+            if log:
+                log(record)
         if step % t.save_steps == 0 or step == stop_at:
-            saved = checkpoint(step)
-            last_checkpoint = str(saved) if saved else last_checkpoint
+            last_checkpoint = str(checkpoint(step))
         accelerator.wait_for_everyone()
 
     adapter_dir = out_dir / "adapter"
+    tensors = adapter_tensors() if step >= t.max_steps else None
     if accelerator.is_main_process and step >= t.max_steps:
-        unwrapped.save_pretrained(adapter_dir)
+        unwrapped.save_pretrained(adapter_dir, state_dict=tensors)
         (out_dir / "data_summary.json").write_text(json.dumps(mixture.summary.to_dict(), indent=2) + "\n")
     if writer:
         writer.close()
+    guard.remove()
     return TrainResult(output_dir=out_dir, adapter_dir=adapter_dir, steps=step, history=history,
                        data_summary=mixture.summary.format(), resumed_from=str(resume_folder) if resume_folder else None,
                        trainable_parameters=trainable, mean_step_time_s=float(np.median(step_times)) if step_times else 0.0)
+
+
+def _non_finite_loss(accelerator, loss: torch.Tensor, step: int, micro: int, sample_ids: list[str],
+                     last_checkpoint: str | None) -> TrainingError:
+    """The error every process raises when any process's loss is not finite; it names the
+    processes, their batches' sample ids, the step and the checkpoint to resume from."""
+    from accelerate.utils import gather_object
+
+    mine = [(accelerator.process_index, float(loss.detach()), list(sample_ids))]
+    reports = gather_object(mine) if accelerator.num_processes > 1 else mine
+    bad = [(r, value, ids) for r, value, ids in reports if not math.isfinite(value)]
+    where = "; ".join(f"{'rank ' + str(r) + ': ' if accelerator.num_processes > 1 else ''}loss {value}, "
+                      f"samples {ids}" for r, value, ids in bad)
+    return TrainingError(
+        f"non-finite loss at step {step}, micro-batch {micro}: {where}; last good checkpoint: "
+        f"{last_checkpoint or 'none (nothing saved yet)'}. Lower train.learning_rate or check these samples, "
+        "then resume with --resume."
+    )
 
 
 @torch.no_grad()
