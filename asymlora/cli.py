@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,9 +54,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import train
 
     config = load_run_config(args.config, args.set)
-    bar = _progress(config.train.max_steps, "train")
-    result = train(config, resume=args.resume, on_log=_print_log,
-                   on_step=lambda step, total: (bar.update(step - bar.n)))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate, one process speaks
+    bar = _progress(config.train.max_steps, "train") if main_process else None
+    result = train(config, resume=args.resume, on_log=_print_log if main_process else None,
+                   on_step=(lambda step, total: bar.update(step - bar.n)) if bar else None)
+    if not main_process:
+        return 0
     bar.close()
     print(f"trained {result.steps} steps ({result.trainable_parameters:,d} trainable parameters, "
           f"{result.mean_step_time_s * 1000:.0f} ms/step){'; resumed from ' + result.resumed_from if result.resumed_from else ''}")
