@@ -63,7 +63,6 @@ reported in percent; ``token_f1`` is the headline number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -74,6 +73,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from ..utils import sha256_file
 
 from .render import (
     COLORS, NUMBER_WORDS, SHAPES, TEXT_NUMBERS, TEXT_WORDS, Scene, random_digit_scene,
@@ -611,14 +612,6 @@ def _record(spec: TaskSpec, split: str, i: int, image: str, scene: Scene, qa: QA
     return rec
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="\n") as f:
@@ -695,7 +688,7 @@ def generate_suite(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_va
             _write_text(out / rel, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             info["files"][split] = rel
             info["counts"][split] = len(records)
-            files[rel] = _sha256(out / rel)
+            files[rel] = sha256_file(out / rel)
         task_info[name] = info
 
     image_lines = []
@@ -704,9 +697,9 @@ def generate_suite(out_dir: str | Path, seed: int = 0, n_train: int = 1000, n_va
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         render_scene(streams.scene(split, stream, index)).save(path, format="PNG", compress_level=6)
-        image_lines.append(f"{_sha256(path)}  {rel}\n")
+        image_lines.append(f"{sha256_file(path)}  {rel}\n")
     _write_text(out / "images.sha256", "".join(image_lines))
-    files["images.sha256"] = _sha256(out / "images.sha256")
+    files["images.sha256"] = sha256_file(out / "images.sha256")
 
     groups: dict[str, dict[str, list[str]]] = {"conflicts": {}, "shares": {}}
     for name in names:
@@ -813,13 +806,13 @@ class SuiteManifest:
         """Files whose sha256 differs from the manifest (data files, the image list, and every
         image listed in ``images.sha256``); empty when the suite is intact."""
         bad = [rel for rel, digest in self.data["sha256"].items()
-               if not (self.root / rel).is_file() or _sha256(self.root / rel) != digest]
+               if not (self.root / rel).is_file() or sha256_file(self.root / rel) != digest]
         listing = self.root / "images.sha256"
         if listing.is_file():
             for line in listing.read_text(encoding="utf-8").splitlines():
                 digest, rel = line.split("  ", 1)
                 p = self.root / rel
-                if not p.is_file() or _sha256(p) != digest:
+                if not p.is_file() or sha256_file(p) != digest:
                     bad.append(rel)
         return bad
 

@@ -21,11 +21,11 @@ the constants below.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
+from ..utils import sha256_file
 from .errors import ChecksumMismatchError, MissingWeightsPackageError
 
 __all__ = [
@@ -157,11 +157,7 @@ def sha256_of(path: str | os.PathLike) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_file(path)
     return _SHA_CACHE[key]
 
 

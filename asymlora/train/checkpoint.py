@@ -12,7 +12,6 @@ they are deleted, so a kill during the deletion never leaves a half folder under
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..utils import sha256_file
+
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.pt"
@@ -29,14 +30,6 @@ STATE = "trainer_state.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or corrupt; the message names the folder and the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,7 +60,7 @@ def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], 
     for path in sorted(tmp.iterdir()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = tmp / MANIFEST
     with open(manifest, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=2)
@@ -118,7 +111,7 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != size or _sha256(path) != sha256:
+        if path.stat().st_size != size or sha256_file(path) != sha256:
             raise CheckpointError(f"{path}: size or sha256 differs from the manifest (truncated or corrupt)")
     return manifest
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import asymlora.train.checkpoint as ckpt
+from asymlora.utils import sha256_file
 from asymlora.train.checkpoint import MANIFEST, STATE, list_checkpoints, load_latest_checkpoint, save_checkpoint
 
 
@@ -130,7 +131,7 @@ def _flip(name):
 
 def _rewrite_manifest(folder):
     """Make the manifest match the folder again (an attacker's, or a buggy tool's, checkpoint)."""
-    files = {p.name: {"sha256": ckpt._sha256(p), "bytes": p.stat().st_size} for p in folder.iterdir() if p.name != MANIFEST}
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in folder.iterdir() if p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"step": 2, "files": files}))
 
 
