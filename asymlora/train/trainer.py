@@ -83,14 +83,18 @@ def _tuplify(value):
 
 
 def per_task_token_losses(logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor, num_tasks: int):
-    """Sum of token cross-entropies and token counts per task ``(num_tasks,)``, next-token shifted."""
+    """Sum of token cross-entropies and token counts per task ``(num_tasks,)``, next-token shifted.
+
+    Only the labelled positions are upcast to float32, so the extra memory is a fraction of the
+    logits, not a float32 copy of all of them (32k vocabulary x 2048 tokens x 16 samples = 4 GB).
+    """
     with torch.no_grad():
-        shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:].to(logits.device)
-        ce = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
-                                               reduction="none")
-        valid = (shift_labels != -100).float()
-        per_sample, counts = (ce * valid).sum(1), valid.sum(1)
+        valid = shift_labels != -100
+        rows = valid.nonzero(as_tuple=True)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1][rows].float(), shift_labels[rows], reduction="none")
+        per_sample = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows[0], ce)
+        counts = valid.float().sum(1)
         ids = task_ids.to(logits.device)
         sums = torch.zeros(num_tasks, device=logits.device).index_add_(0, ids, per_sample)
         tokens = torch.zeros(num_tasks, device=logits.device).index_add_(0, ids, counts)
