@@ -34,21 +34,6 @@ def _print_log(record: dict) -> None:
     tqdm.write("  ".join(parts))
 
 
-def load_adapter_model(adapter: str | Path, model_name: str | None = None, dtype: str | None = None):
-    """Base model (from ``--model`` or the adapter's recorded base) + adapter, ready to evaluate."""
-    from .adapters.inject import from_pretrained, read_adapter_config
-    from .models import load_model
-
-    data = read_adapter_config(adapter)
-    name = model_name or data.get("base_model_name_or_path")
-    if not name:
-        raise ValueError(f"{adapter}/adapter_config.json records no base_model_name_or_path: pass --model")
-    base, processor = load_model(name, dtype=dtype)
-    model = from_pretrained(base, adapter)
-    model.eval()
-    return model, processor
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import load_run_config
     from .train.trainer import train
@@ -70,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate.evaluate import evaluate
+    from .evaluate.evaluate import evaluate, load_adapter_model
 
     if args.task and args.route:
         raise ValueError("--task and --route are exclusive: route every sample through one task's expert, or learn")
@@ -84,9 +69,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bar = bars.get(name) or bars.setdefault(name, _progress(total, name))
         bar.update(done - bar.n)
 
-    results = evaluate(model, processor, dict(zip(args.benchmark, args.data)), out, route=args.route, task=args.task,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, split=args.split,
-                       image_root=args.image_root, limit=args.limit, tasks=args.tasks, on_progress=progress)
+    evaluate(model, processor, dict(zip(args.benchmark, args.data)), out, route=args.route, task=args.task,
+             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, split=args.split,
+             image_root=args.image_root, limit=args.limit, tasks=args.tasks, on_progress=progress)
     for bar in bars.values():
         bar.close()
     print((out / "metrics.md").read_text())
@@ -111,7 +96,8 @@ def _analysis_inputs(args: argparse.Namespace):
     """Model + adapter + per-task batches for the analysis commands, from a run config."""
     import torch
 
-    from .data import DataCollator, Mixture
+    from .analysis.batches import collate_task_batches
+    from .data import DataCollator
     from .train.config import load_run_config
     from .train.trainer import build, load_adapter_state
 
@@ -126,22 +112,12 @@ def _analysis_inputs(args: argparse.Namespace):
     load_adapter_state(model, adapter)
     model.eval()
     dataset, val = mixture.datasets(processor)
-    collator = DataCollator.from_processor(processor)
-    batches: dict[str, list[dict]] = {name: [] for name in mixture.task_names}
-    source_ids = mixture.val_task_ids if (val is not None and args.split == "val") else mixture.train_task_ids
-    source = val if (val is not None and args.split == "val") else dataset
-    by_task: dict[int, list[int]] = {}
-    for index, task in enumerate(source_ids):
-        by_task.setdefault(task, []).append(index)
-    for task, indices in by_task.items():
-        indices = indices[: args.batches * args.batch_size]
-        for start in range(0, len(indices), args.batch_size):
-            batch = collator([source[i] for i in indices[start:start + args.batch_size]])
-            batch.pop("data_events")
-            batch.pop("sample_ids")
-            batches[mixture.task_names[task]].append(batch)
+    use_val = val is not None and args.split == "val"
+    batches = collate_task_batches(val if use_val else dataset, mixture.val_task_ids if use_val else mixture.train_task_ids,
+                                   mixture.task_names, DataCollator.from_processor(processor), args.batches,
+                                   args.batch_size)
     torch.manual_seed(0)
-    return model, {k: v for k, v in batches.items() if v}
+    return model, {name: batches[name] for name in mixture.task_names if name in batches}
 
 
 def cmd_interference(args: argparse.Namespace) -> int:

@@ -144,13 +144,9 @@ def finetune(name: str, adapter: dict, datasets: list[dict], base_dir: Path, out
 
 def evaluate_run(adapter_dir: Path, suite_dir: Path, out_dir: Path, tasks: list[str],
                  progress: Callable[[str, int, int], None] | None) -> dict[str, float]:
-    from .adapters.inject import from_pretrained, read_adapter_config
-    from .evaluate.evaluate import evaluate, headline
-    from .models import load_model
+    from .evaluate.evaluate import evaluate, headline, load_adapter_model
 
-    base, processor = load_model(read_adapter_config(adapter_dir).get("base_model_name_or_path") or
-                                 json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
-    model = from_pretrained(base, adapter_dir).eval()
+    model, processor = load_adapter_model(adapter_dir)
     results = evaluate(model, processor, {"suite": suite_dir}, out_dir, batch_size=64, max_new_tokens=6, tasks=tasks,
                        on_progress=(lambda n, d, t: progress(f"eval {out_dir.name}:{n}", d, t)) if progress else None)
     return {task: headline(results[task]) for task in tasks if task in results}

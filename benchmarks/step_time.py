@@ -16,7 +16,6 @@ same model merged for one task (no adapter on the path).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import sys
 from pathlib import Path

@@ -135,6 +135,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path]:
 def analyse(args: argparse.Namespace, base: Path, suite: Path, seed: int) -> dict:
     """Interference heatmaps for the LoRA run, routing t-SNE for MixLoRA (first seed)."""
     from asymlora.analysis import run_interference, run_routing
+    from asymlora.analysis.batches import collate_task_batches
     from asymlora.data import DataCollator, Mixture
     from asymlora import from_pretrained
     from asymlora.models import load_model
@@ -148,16 +149,8 @@ def analyse(args: argparse.Namespace, base: Path, suite: Path, seed: int) -> dic
         model = from_pretrained(model_base, run / "run" / "adapter").eval()
         mix = Mixture.from_dict({"datasets": mixture(suite), "tasks": list(DOMAINS), "seed": 0, "max_length": 256})
         dataset, _ = mix.datasets(processor)
-        collator = DataCollator.from_processor(processor)
-        batches: dict[str, list] = {}
-        for domain_id, domain in enumerate(DOMAINS):
-            idx = [i for i, t in enumerate(mix.train_task_ids) if t == domain_id][: 4 * 8]
-            batches[domain] = []
-            for s in range(0, len(idx), 8):
-                batch = collator([dataset[i] for i in idx[s:s + 8]])
-                batch.pop("data_events")
-                batch.pop("sample_ids")
-                batches[domain].append(batch)
+        batches = collate_task_batches(dataset, mix.train_task_ids, mix.task_names,
+                                       DataCollator.from_processor(processor), batches_per_task=4, batch_size=8)
         target = args.out / "analysis" / slug(method)
         if kind == "interference":
             result = run_interference(model, batches, target)

@@ -35,6 +35,25 @@ def check_batches(batches_by_task: Mapping[str, Sequence[Mapping[str, Any]]], ne
     return list(batches_by_task)
 
 
+def collate_task_batches(dataset: Sequence[Any], task_ids: Sequence[int], task_names: Sequence[str], collator: Any,
+                         batches_per_task: int, batch_size: int) -> dict[str, list[dict[str, Any]]]:
+    """``batches_by_task`` from a mixture's dataset: the first ``batches_per_task · batch_size``
+    samples of each task (``task_ids[i]`` is sample i's task), collated ``batch_size`` at a time;
+    tasks without samples are left out."""
+    by_task: dict[int, list[int]] = {}
+    for index, task in enumerate(task_ids):
+        by_task.setdefault(task, []).append(index)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for task, indices in by_task.items():
+        indices = indices[: batches_per_task * batch_size]
+        for start in range(0, len(indices), batch_size):
+            batch = collator([dataset[i] for i in indices[start:start + batch_size]])
+            batch.pop("data_events", None)
+            batch.pop("sample_ids", None)
+            out.setdefault(task_names[task], []).append(batch)
+    return out
+
+
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device

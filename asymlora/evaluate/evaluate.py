@@ -17,6 +17,21 @@ from .runner import _write_metrics, metrics_markdown, run_predictions, score
 from .samples import EvalSample
 
 
+def load_adapter_model(adapter: str | Path, model_name: str | None = None, dtype: str | None = None):
+    """Base model (``model_name``, else the one the adapter records) + adapter, in eval mode."""
+    from ..adapters.inject import from_pretrained, read_adapter_config
+    from ..models import load_model
+
+    data = read_adapter_config(adapter)
+    name = model_name or data.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{adapter}/adapter_config.json records no base_model_name_or_path: pass --model")
+    base, processor = load_model(name, dtype=dtype)
+    model = from_pretrained(base, adapter)
+    model.eval()
+    return model, processor
+
+
 def suite_samples(root: str | Path, split: str = "test", tasks: Sequence[str] | None = None) -> dict[str, list[EvalSample]]:
     """The generated suite's records as EvalSamples, per task (meta keeps the record for scoring)."""
     from ..data.suite import load_suite

@@ -3,11 +3,11 @@ task ids per sample (or none, for learned routing), answers decoded without the 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from ..models.loading import load_image
 from .samples import EvalSample
 
 
@@ -16,16 +16,6 @@ def build_prompt(processor, prompt: str, has_image: bool) -> str:
     text = ("<image>\n" + prompt) if has_image and "<image>" not in prompt else prompt
     tokenizer = getattr(processor, "tokenizer", processor)
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-
-
-def _open_image(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read image ({err})") from None
 
 
 def make_generate_batch(model, processor, task_of: Callable[[EvalSample], int | None],
@@ -54,7 +44,7 @@ def make_generate_batch(model, processor, task_of: Callable[[EvalSample], int | 
         tokenizer.padding_side = "left"
         try:
             if with_images:
-                inputs = processor(images=[_open_image(Path(s.image)) for s in samples], **kwargs)
+                inputs = processor(images=[load_image(s.image) for s in samples], **kwargs)
             else:
                 inputs = tokenizer(texts, return_tensors="pt", padding=True)
         finally:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..adapters.inject import AdapterModel, PeftLoraModel, get_model
+from ..adapters.inject import AdapterModel, get_model
 from ..data import DataCollator, Mixture
 from .checkpoint import load_latest_checkpoint, load_state, save_checkpoint
 from .config import RunConfig, adapter_config
