@@ -62,7 +62,7 @@ def build_base(shape: dict):
     return model
 
 
-def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int) -> dict:
+def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int, profile: bool = False) -> dict:
     model = base if make_config is None else get_model(base, make_config())
     decoder = (model.base_model if hasattr(model, "adapter_layers") else
                model.peft_model.base_model.model if hasattr(model, "peft_model") else model).model
@@ -85,8 +85,36 @@ def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int)
     torch.cuda.reset_peak_memory_stats()
     times = time_cuda(step, warmup=warmup if mode == "eager" else warmup + 3, repeat=repeat)
     ms = median(times)
-    return {"ms": ms, "spread_ms": max(times) - min(times), "tokens_per_s": b * t / ms * 1e3,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {"ms": ms, "spread_ms": max(times) - min(times), "times_ms": times, "tokens_per_s": b * t / ms * 1e3,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        result["profile"] = profile_steps(step)
+    return result
+
+
+def profile_steps(step, steps: int = 3, top: int = 15) -> dict:
+    """Where a step's time goes: GPU kernel time against wall time, and the largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(evt.name[:90], [0.0, 0])
+            entry[0] += evt.device_time / 1e3
+            entry[1] += 1
+    busy = sum(v[0] for v in kernels.values()) / steps
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"wall_ms_per_step": start.elapsed_time(end) / steps, "kernel_ms_per_step": busy,
+            "kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
+            "top": [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in ranked]}
 
 
 def generation(shape: dict, new_tokens: int = 64) -> dict:
@@ -101,13 +129,29 @@ def generation(shape: dict, new_tokens: int = 64) -> dict:
     task_ids = torch.arange(b, device="cuda") % 3
     args = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, do_sample=False)
-    mixed = time_cuda(lambda: model.generate(**args, task_ids=task_ids), warmup=1, repeat=3)
-    model.merge(0)
-    merged = time_cuda(lambda: model.generate(**args), warmup=1, repeat=3)
-    model.unmerge()
-    tok = b * new_tokens
-    return {"mixed_tokens_per_s": tok / median(mixed) * 1e3, "merged_tokens_per_s": tok / median(merged) * 1e3,
-            "ratio": median(merged) / median(mixed)}
+    result = {}
+    for mode in ("eager", "static_compiled"):
+        extra = {} if mode == "eager" else {"cache_implementation": "static"}
+        try:
+            mixed = time_cuda(lambda: model.generate(**args, **extra, task_ids=task_ids), warmup=2, repeat=3)
+            model.merge(0)
+            try:
+                merged = time_cuda(lambda: model.generate(**args, **extra), warmup=2, repeat=3)
+            finally:
+                model.unmerge()
+        except Exception as err:  # reported, not fatal
+            result[mode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            continue
+        tok = b * new_tokens
+        result[mode] = {"mixed_tokens_per_s": tok / median(mixed) * 1e3, "merged_tokens_per_s": tok / median(merged) * 1e3,
+                        "ratio": median(merged) / median(mixed)}
+        print(f"generation {mode}: {result[mode]}", flush=True)
+    ok = {m: r for m, r in result.items() if "ratio" in r}
+    if ok:  # each side at its faster mode
+        mixed_best = max(r["mixed_tokens_per_s"] for r in ok.values())
+        merged_best = max(r["merged_tokens_per_s"] for r in ok.values())
+        result.update(mixed_tokens_per_s=mixed_best, merged_tokens_per_s=merged_best, ratio=mixed_best / merged_best)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--generation", action="store_true")
+    parser.add_argument("--profile", nargs="*", default=[], help="variants to profile (kernel time vs wall time)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--name", default="step_time")
     args = parser.parse_args(argv)
@@ -135,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 base = build_base(shape)
                 try:
-                    row[mode] = measure(base, all_variants[name], shape, mode, args.warmup, args.repeat)
+                    row[mode] = measure(base, all_variants[name], shape, mode, args.warmup, args.repeat,
+                                        profile=name in args.profile)
                 except Exception as err:  # a variant that fails to compile is reported, not fatal
                     row[mode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 del base
@@ -177,7 +223,7 @@ def table(size: int, entry: dict) -> str:
                          f"{best['tokens_per_s']:,.0f} | {best['peak_gib']:.2f} | {fmt(eager)} | {fmt(comp)} |")
         else:
             lines.append(f"| {name} | failed | — | — | — | — | {row} |")
-    if "generation" in entry:
+    if "generation" in entry and "ratio" in entry["generation"]:
         g = entry["generation"]
         lines.append(f"\ngeneration: mixed-task {g['mixed_tokens_per_s']:,.0f} tok/s, merged {g['merged_tokens_per_s']:,.0f} "
                      f"tok/s, mixed / merged = {g['ratio']:.2f}")

@@ -145,7 +145,7 @@ class AdapterModel(nn.Module):
         self.base_model = base_model
         self.config = config
         self._context = RoutingContext()
-        self.last_loss_parts: dict[str, float] = {}
+        self._loss_parts: dict[str, Tensor] = {}
         layer_cls = METHODS[config.method][1]
         for p in base_model.parameters():
             p.requires_grad_(False)
@@ -233,8 +233,8 @@ class AdapterModel(nn.Module):
             ctx.recording = False
         aux = self.auxiliary_loss()
         if getattr(outputs, "loss", None) is not None:
-            self.last_loss_parts = {"lm_loss": float(outputs.loss.detach())}
-            self.last_loss_parts.update({k: float(v.detach()) for k, v in self._aux_parts().items()})
+            # Kept as tensors: reading them back here would stall the GPU before every backward.
+            self._loss_parts = {"lm_loss": outputs.loss.detach(), **{k: v.detach() for k, v in self._aux_parts().items()}}
             if aux is not None:
                 outputs.loss = outputs.loss + aux
         return outputs
@@ -246,6 +246,11 @@ class AdapterModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         finally:
             ctx.recording = False
+
+    @property
+    def last_loss_parts(self) -> dict[str, float]:
+        """The last training forward's loss and its auxiliary parts, for logging."""
+        return {k: float(v) for k, v in self._loss_parts.items()}
 
     def _aux_parts(self) -> dict[str, Tensor]:
         parts = {}
@@ -400,7 +405,7 @@ class PeftLoraModel(nn.Module):
     def __init__(self, peft_model: nn.Module) -> None:
         super().__init__()
         self.peft_model = peft_model
-        self.last_loss_parts: dict[str, float] = {}
+        self._loss_parts: dict[str, Tensor] = {}
 
     @property
     def task_names(self) -> list[str] | None:
@@ -409,8 +414,12 @@ class PeftLoraModel(nn.Module):
     def forward(self, *args: Any, task_ids: Any = None, **kwargs: Any):
         outputs = self.peft_model(*args, **kwargs)
         if getattr(outputs, "loss", None) is not None:
-            self.last_loss_parts = {"lm_loss": float(outputs.loss.detach())}
+            self._loss_parts = {"lm_loss": outputs.loss.detach()}
         return outputs
+
+    @property
+    def last_loss_parts(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._loss_parts.items()}
 
     @torch.no_grad()
     def generate(self, *args: Any, task_ids: Any = None, **kwargs: Any):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..kernels import lowrank_linear
 from .routing import RoutingContext
 
 
@@ -41,10 +42,63 @@ class AdapterLayer(nn.Module):
         return nn.Linear(self.in_features, config.num_experts, bias=False, device=self.base_layer.weight.device)
 
     def forward(self, x: Tensor, routing: RoutingContext | None = None) -> Tensor:
-        result = self.base_layer(x)
         if self.merged_task is not None:
-            return result
+            return self.base_layer(x)
+        if self._fusable(x):
+            factors = self._generation_factors(x, routing)
+            if factors is not None:  # already scaled
+                return self._fused(x, factors, 1.0, None)
+            factors = self.routed_factors(x, routing)
+            if factors is not None:
+                x_adapter = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training else None
+                return self._fused(x, factors, self.scaling, x_adapter)
+        result = self.base_layer(x)
         return result + self.delta(x, routing).to(result.dtype)
+
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether the frozen linear and the update can run as one op (kernels.lowrank_linear): the
+        fast path, adapter math in the input's dtype (or autocast's), and a plain base linear (no
+        hooks, e.g. accelerate's offloading, that calling its weight directly would bypass)."""
+        base = self.base_layer
+        same_dtype = x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type)
+        return (self.fast_path and self.compute_in_input_dtype and x.dim() == 3 and same_dtype
+                and not base._forward_hooks and not base._forward_pre_hooks)
+
+    def _fused(self, x: Tensor, factors: tuple[Tensor, Tensor], scaling: float, x_adapter: Tensor | None) -> Tensor:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return lowrank_linear(x, weight, bias, *factors, scaling, x_adapter=x_adapter)
+        # Under autocast every operand goes to autocast's dtype, as autocast does for F.linear; the
+        # op itself runs with autocast off (its in-place accumulation needs one dtype).
+        dtype = torch.get_autocast_dtype(device)
+        cast = [None if t is None else t.to(dtype) for t in (x, weight, bias, *factors, x_adapter)]
+        with torch.autocast(device, enabled=False):
+            return lowrank_linear(*cast[:5], scaling, x_adapter=cast[5])
+
+    def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
+        """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
+        routing decided on the prompt), the routed ``(A, s·B)`` are gathered once and reused by
+        every decode step instead of being cast and gathered again per token."""
+        cache = None if ctx is None else ctx.pooled_cache
+        if (cache is None or torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections
+                or torch.compiler.is_compiling()):
+            return None
+        key = f"{self.name}:factors"
+        factors = cache.get(key)
+        if factors is None or (factors[1].dim() == 3 and factors[1].shape[0] != x.shape[0]):
+            factors = self.routed_factors(x, ctx)
+            if factors is None:
+                return None
+            factors = (factors[0], factors[1] * self.scaling)
+            cache[key] = factors
+        return factors
+
+    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
+        """When routing reduces the layer to one low-rank update per sample: ``(A, B)`` in x's
+        dtype, A ``(r, d_in)`` shared or ``(batch, r, d_in)``, B ``(d_out, r)`` or
+        ``(batch, d_out, r)``, routing's losses and statistics recorded. None otherwise."""
+        return None
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         raise NotImplementedError

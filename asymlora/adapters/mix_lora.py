@@ -130,11 +130,24 @@ class MixLoraLinear(AdapterLayer):
         kept = torch.softmax(scores.gather(-1, index), -1)
         return kept * self.config.r
 
-    def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
+    def _route(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pooled = pooled_input(x, ctx, self.name, include_padding=self.config.pool_padding)
         index_a, index_b, coef_a, coef_b, scores_a, scores_b = self.select(pooled)
         if ctx is not None:
             self._record(ctx, index_a, index_b, scores_a, scores_b)
+        return index_a, index_b, coef_a, coef_b
+
+    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor]:
+        """The instance's A ``(batch, r, d_in)`` and B ``(batch, d_out, r)``: selected factors, paired
+        by rank position, times their coefficients (none under the default weighting)."""
+        index_a, index_b, coef_a, coef_b = self._route(x, ctx)
+        a, b = self.factor_a.to(x.dtype)[index_a], self.factor_b.to(x.dtype)[index_b]
+        if self.config.factor_weighting != "none":
+            a, b = a * coef_a.unsqueeze(-1).to(x.dtype), b * coef_b.unsqueeze(-1).to(x.dtype)
+        return a, b.transpose(1, 2)
+
+    def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
+        index_a, index_b, coef_a, coef_b = self._route(x, ctx)
         dtype = self.compute_dtype(x)
         x = self.dropout(x.to(dtype))
         return mix_lora_delta(x, self.factor_a.to(dtype), self.factor_b.to(dtype), index_a, index_b, coef_a, coef_b,

@@ -1,10 +1,13 @@
 """Delta computations of the adapter layers: a plain reference and a fast path for each.
 
 Layers call :func:`asym_lora_delta`, :func:`lora_moe_delta` or :func:`mix_lora_delta`; the
-``fast`` flag (``config.fast_path``) picks the implementation here and nowhere else. Every fast
+``fast`` flag (``config.fast_path``) picks the implementation here and nowhere else. When routing
+reduces a layer to one low-rank update per sample (task routing, MixLoRA's selection), the fast
+path is :func:`lowrank_linear`: the frozen linear and the update as one op (fused.py). Every fast
 path is tested against its reference (forward and gradients) on fresh random inputs.
 """
 
+from .fused import lowrank_linear, lowrank_linear_reference
 from .reference import asym_lora_delta_reference, lora_moe_delta_reference, mix_lora_delta_reference
 from .stacked import (asym_lora_delta_indexed, asym_lora_delta_stacked, lora_moe_delta_indexed,
                       lora_moe_delta_stacked, mix_lora_delta_pairing)
@@ -38,4 +41,4 @@ def mix_lora_delta(x, factor_a, factor_b, index_a, index_b, coef_a, coef_b, scal
     return fn(x, factor_a, factor_b, index_a, index_b, coef_a, coef_b, scaling)
 
 
-__all__ = ["asym_lora_delta", "lora_moe_delta", "mix_lora_delta"]
+__all__ = ["asym_lora_delta", "lora_moe_delta", "mix_lora_delta", "lowrank_linear", "lowrank_linear_reference"]

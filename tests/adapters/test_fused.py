@@ -1,0 +1,144 @@
+"""The fused frozen-linear + low-rank op (kernels/fused.py) against plain autograd, and the layers
+and models that take it against the reference path (``fast_path=False``)."""
+
+import itertools
+
+import pytest
+import torch
+
+from asymlora import AsymLoraConfig, LoraMoeConfig, MixLoraConfig, get_model
+from asymlora.adapters import layer as layer_module
+from asymlora.kernels import lowrank_linear, lowrank_linear_reference
+from tests.conftest import tiny_llama
+
+CASES = list(itertools.product([True, False], [True, False], [False, True], [False, True], [True, False]))
+
+
+@pytest.mark.parametrize("shared_a,shared_b,dropout_input,bias,weight_grad", CASES)
+def test_op_matches_plain_autograd_forward_and_every_gradient(shared_a, shared_b, dropout_input, bias, weight_grad):
+    g = torch.Generator().manual_seed(hash((shared_a, shared_b, dropout_input, bias, weight_grad)) % 10_000)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    batch, seq, d_in, d_out, r = 3, 5, 7, 6, 4
+    x = rand(batch, seq, d_in)
+    x_a = rand(batch, seq, d_in) if dropout_input else None
+    weight = rand(d_out, d_in, grad=weight_grad)
+    b_vec = rand(d_out, grad=weight_grad) if bias else None
+    a = rand(r, d_in) if shared_a else rand(batch, r, d_in)
+    b = rand(d_out, r) if shared_b else rand(batch, d_out, r)
+    leaves = [t for t in (x, x_a, weight, b_vec, a, b) if t is not None and t.requires_grad]
+    upstream = torch.randn(batch, seq, d_out, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lowrank_linear, lowrank_linear_reference):
+        y = fn(x, weight, b_vec, a, b, 1.5, x_adapter=x_a)
+        results.append((y, torch.autograd.grad((y * upstream).sum(), leaves)))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for fused, plain in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fused, plain)
+
+
+def test_op_under_compile_equals_eager_and_passes_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    weight = torch.randn(5, 8, generator=g)
+    a = torch.randn(4, 8, generator=g, requires_grad=True)
+    b = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    compiled = torch.compile(lambda *t: lowrank_linear(*t, 2.0), backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (compiled, lambda *t: lowrank_linear(*t, 2.0)):
+        y = fn(x, weight, None, a, b)
+        grads.append((y, *torch.autograd.grad(y.square().sum(), (x, a, b))))
+    for c, e in zip(*grads):
+        torch.testing.assert_close(c, e)
+    torch.library.opcheck(torch.ops.asymlora.lowrank_linear.default, (x, None, weight, None, a, b, 2.0))
+
+
+@pytest.mark.parametrize("config,fused", [
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="task"), True),
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="task_supervised"), True),
+    (LoraMoeConfig(r=4, lora_alpha=8, routing="task"), True),
+    (MixLoraConfig(r=2, num_factors=6, lora_alpha=12), True),
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="soft"), False),
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="task", compute_dtype="float32"), False),
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=False), False),
+])
+def test_layers_take_the_fused_op_where_routing_reduces_to_one_update(monkeypatch, config, fused):
+    calls = []
+    real = layer_module.lowrank_linear
+    monkeypatch.setattr(layer_module, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = get_model(tiny_llama(), config)
+    model(input_ids=torch.randint(1, 90, (2, 5)), task_ids=torch.tensor([0, 1]))
+    assert bool(calls) == fused
+    assert len(calls) in (0, len(model.adapter_layers))
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", lora_dropout=0.2, fast_path=fast),
+    lambda fast: LoraMoeConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
+    lambda fast: MixLoraConfig(r=2, num_factors=6, lora_alpha=12, factor_weighting="softmax", fast_path=fast),
+], ids=["asym-dropout", "moe", "mix-softmax"])
+def test_model_with_fused_layers_equals_the_reference_path(make):
+    """Logits and every trainable gradient, in training mode (dropout drawn from the same seed)."""
+    ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(1)), torch.tensor([2, 0, 1])
+    runs = []
+    for fast in (True, False):
+        model = get_model(tiny_llama(), make(fast)).train()
+        _randomize(model, 3)
+        torch.manual_seed(7)
+        out = model(input_ids=ids, labels=ids, task_ids=task_ids)
+        out.loss.backward()
+        runs.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    assert runs[0][1].keys() == runs[1][1].keys()
+    for name in runs[0][1]:
+        torch.testing.assert_close(runs[0][1][name], runs[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("make", [
+    lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
+    lambda fast: MixLoraConfig(r=2, num_factors=6, lora_alpha=12, fast_path=fast),
+], ids=["asym", "mix"])
+def test_generation_reusing_routed_factors_equals_the_reference_path(make):
+    """Decode steps reuse the factors gathered at the prompt; a mixed-task batch generates what the
+    reference path generates, and what each sample generates alone."""
+    ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(2))
+    task_ids = torch.tensor([2, 0, 1])
+    outs = []
+    for fast in (True, False):
+        model = get_model(tiny_llama(), make(fast)).eval()
+        _randomize(model, 4)
+        args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False, task_ids=task_ids)
+        outs.append(model.generate(input_ids=ids, **args))
+        if fast:
+            for i in range(3):
+                alone = model.generate(input_ids=ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]),
+                                       max_new_tokens=5, min_new_tokens=5, do_sample=False, task_ids=task_ids[i:i + 1])
+                assert torch.equal(alone[0], outs[0][i])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fused_layers_under_autocast_match_the_reference_path():
+    """A float32 model under bf16 autocast (the trainer's setting): operands cast as autocast casts
+    F.linear's, so both paths agree to bf16 rounding."""
+    ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(1)), torch.tensor([2, 0, 1])
+    runs = []
+    for fast in (True, False):
+        model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=fast))
+        _randomize(model, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids, task_ids=task_ids)
+        out.loss.backward()
+        runs.append((out.logits.float(), model.base_model.model.layers[0].self_attn.q_proj.expert_b.grad))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0.05, atol=0.05)
+    rel = (runs[0][1] - runs[1][1]).norm() / runs[1][1].norm()
+    assert rel < 0.05, rel
