@@ -6,8 +6,9 @@ Shapes (issue 6): a random-init Llama, hidden 2048 × 8 layers at batch 8 × 102
 4096 × 4 layers at batch 4 × 1024, bf16, every linear adapted, rank 32, N = 3 (MixLoRA E = 32 / r = 8
 and E = 64 / r = 32). A step is the forward plus the backward to the inputs (and to the adapter's
 parameters); no optimizer step. The floor is the frozen model with no adapter at all. Each variant
-is timed eagerly and under torch.compile (of the decoder stack), and reported at the faster of the
-two, as a ratio to the floor's faster time; median of ``--repeat`` steps after warm-up, CUDA events.
+is timed eagerly, under torch.compile (of the decoder stack) and compiled with CUDA graphs
+(``mode="reduce-overhead"``: no host overhead per kernel), and reported at the fastest of them,
+as a ratio to the floor's fastest; median of ``--repeat`` steps after warm-up, CUDA events.
 
 A second table: generation throughput of a mixed-task batch (AsymLoRA, task routing) against the
 same model merged for one task (no adapter on the path).
@@ -68,6 +69,8 @@ def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int,
                model.peft_model.base_model.model if hasattr(model, "peft_model") else model).model
     if mode == "compile":
         decoder.compile()
+    elif mode == "cudagraphs":  # compiled, replayed as CUDA graphs: no host overhead per kernel
+        decoder.compile(mode="reduce-overhead")
     b, t = shape["batch"], shape["seq"]
     g = torch.Generator(device="cuda").manual_seed(1)
     embeds = torch.randn(b, t, shape["hidden"], device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
@@ -76,6 +79,8 @@ def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int,
     kwargs = {} if make_config is None else {"task_ids": task_ids}
 
     def step():
+        if mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
         out = model(inputs_embeds=embeds, labels=labels, **kwargs)
         out.loss.backward()
         embeds.grad = None
@@ -83,7 +88,7 @@ def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int,
             p.grad = None
 
     torch.cuda.reset_peak_memory_stats()
-    times = time_cuda(step, warmup=warmup if mode == "eager" else warmup + 3, repeat=repeat)
+    times = time_cuda(step, warmup=warmup if mode == "eager" else warmup + 5, repeat=repeat)
     ms = median(times)
     result = {"ms": ms, "spread_ms": max(times) - min(times), "times_ms": times, "tokens_per_s": b * t / ms * 1e3,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, action="append", choices=sorted(SHAPES))
     parser.add_argument("--variants", nargs="*", default=None)
-    parser.add_argument("--modes", nargs="*", default=["eager", "compile"])
+    parser.add_argument("--modes", nargs="*", default=["eager", "compile", "cudagraphs"], choices=["eager", "compile", "cudagraphs"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--generation", action="store_true")
@@ -211,18 +216,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def table(size: int, entry: dict) -> str:
     lines = [f"\nhidden {size}: {entry['shape']}",
-             "| variant | best mode | ms / step | × floor | tokens/s | peak GiB | eager ms | compile ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | best mode | ms / step | × floor | tokens/s | peak GiB | eager ms | compile ms | cudagraphs ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
     for name, row in entry["variants"].items():
         best = row.get("best")
-        eager = row.get("eager", {}).get("ms")
-        comp = row.get("compile", {}).get("ms")
-        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        per_mode = " | ".join(fmt(row.get(m, {}).get("ms")) for m in ("eager", "compile", "cudagraphs"))
         if best:
             lines.append(f"| {name} | {best['mode']} | {best['ms']:.1f} | {best['ratio_to_floor']:.2f} | "
-                         f"{best['tokens_per_s']:,.0f} | {best['peak_gib']:.2f} | {fmt(eager)} | {fmt(comp)} |")
+                         f"{best['tokens_per_s']:,.0f} | {best['peak_gib']:.2f} | {per_mode} |")
         else:
-            lines.append(f"| {name} | failed | — | — | — | — | {row} |")
+            lines.append(f"| {name} | failed | — | — | — | — | {per_mode} | |")
     if "generation" in entry and "ratio" in entry["generation"]:
         g = entry["generation"]
         lines.append(f"\ngeneration: mixed-task {g['mixed_tokens_per_s']:,.0f} tok/s, merged {g['merged_tokens_per_s']:,.0f} "

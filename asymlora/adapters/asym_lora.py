@@ -43,13 +43,13 @@ class AsymLoraLinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.shared_a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
 
-    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
+    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         index = hard_task_index(ctx, self.config, x.shape[0])
         if index is None:
             return None
         if self.config.routing != "task" or ctx.collect_stats or ctx.collect_selections:
             expert_weights(x, ctx, self.router, self.config, self.name)  # the gate's loss and statistics
-        return self.shared_a.to(x.dtype), self.expert_b.to(x.dtype)[index]
+        return self.shared_a, self.expert_b, None, index
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels import lowrank_linear
+from ..kernels import lowrank_linear, routed_matrices
 from .routing import RoutingContext
 
 
@@ -64,22 +64,25 @@ class AdapterLayer(nn.Module):
         return (self.fast_path and self.compute_in_input_dtype and x.dim() == 3 and same_dtype
                 and not base._forward_hooks and not base._forward_pre_hooks)
 
-    def _fused(self, x: Tensor, factors: tuple[Tensor, Tensor], scaling: float, x_adapter: Tensor | None) -> Tensor:
+    def _fused(self, x: Tensor, factors: tuple, scaling: float, x_adapter: Tensor | None) -> Tensor:
+        a, b, a_index, b_index = factors
         weight, bias = self.base_layer.weight, self.base_layer.bias
         device = x.device.type
-        if not torch.is_autocast_enabled(device):
-            return lowrank_linear(x, weight, bias, *factors, scaling, x_adapter=x_adapter)
-        # Under autocast every operand goes to autocast's dtype, as autocast does for F.linear; the
-        # op itself runs with autocast off (its in-place accumulation needs one dtype).
-        dtype = torch.get_autocast_dtype(device)
-        cast = [None if t is None else t.to(dtype) for t in (x, weight, bias, *factors, x_adapter)]
-        with torch.autocast(device, enabled=False):
-            return lowrank_linear(*cast[:5], scaling, x_adapter=cast[5])
+        if torch.is_autocast_enabled(device):
+            # Operands go to autocast's dtype, as autocast does for F.linear; the op itself runs
+            # with autocast off (its in-place accumulation needs one dtype; it casts the factors).
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            x_adapter = None if x_adapter is None else x_adapter.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index)
+        return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index)
 
-    def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
+    def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
-        routing decided on the prompt), the routed ``(A, s·B)`` are gathered once and reused by
-        every decode step instead of being cast and gathered again per token."""
+        routing decided on the prompt), each sample's ``(A, s·B)`` is selected and cast once and
+        reused by every decode step."""
         cache = None if ctx is None else ctx.pooled_cache
         if (cache is None or torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections
                 or torch.compiler.is_compiling()):
@@ -87,17 +90,19 @@ class AdapterLayer(nn.Module):
         key = f"{self.name}:factors"
         factors = cache.get(key)
         if factors is None or (factors[1].dim() == 3 and factors[1].shape[0] != x.shape[0]):
-            factors = self.routed_factors(x, ctx)
-            if factors is None:
+            routed = self.routed_factors(x, ctx)
+            if routed is None:
                 return None
-            factors = (factors[0], factors[1] * self.scaling)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            a, b = routed_matrices(*routed, dtype)
+            factors = (a, b * self.scaling, None, None)
             cache[key] = factors
         return factors
 
-    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
-        """When routing reduces the layer to one low-rank update per sample: ``(A, B)`` in x's
-        dtype, A ``(r, d_in)`` shared or ``(batch, r, d_in)``, B ``(d_out, r)`` or
-        ``(batch, d_out, r)``, routing's losses and statistics recorded. None otherwise."""
+    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
+        """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,
+        b_index)`` as :func:`asymlora.kernels.lowrank_linear` takes them (parameter tables and each
+        sample's indices into them), routing's losses and statistics recorded. None otherwise."""
         return None
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:

@@ -137,14 +137,16 @@ class MixLoraLinear(AdapterLayer):
             self._record(ctx, index_a, index_b, scores_a, scores_b)
         return index_a, index_b, coef_a, coef_b
 
-    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor]:
-        """The instance's A ``(batch, r, d_in)`` and B ``(batch, d_out, r)``: selected factors, paired
-        by rank position, times their coefficients (none under the default weighting)."""
+    def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple:
+        """The selected factors, paired by rank position: the pools and each instance's indices
+        (the op gathers them), or, when coefficients weight them, the instance's A ``(batch, r,
+        d_in)`` and B ``(batch, d_out, r)`` gathered here so the coefficients get gradients."""
         index_a, index_b, coef_a, coef_b = self._route(x, ctx)
-        a, b = self.factor_a.to(x.dtype)[index_a], self.factor_b.to(x.dtype)[index_b]
-        if self.config.factor_weighting != "none":
-            a, b = a * coef_a.unsqueeze(-1).to(x.dtype), b * coef_b.unsqueeze(-1).to(x.dtype)
-        return a, b.transpose(1, 2)
+        if self.config.factor_weighting == "none":
+            return self.factor_a, self.factor_b, index_a, index_b
+        a = self.factor_a[index_a] * coef_a.unsqueeze(-1).to(self.factor_a.dtype)
+        b = self.factor_b[index_b] * coef_b.unsqueeze(-1).to(self.factor_b.dtype)
+        return a, b.transpose(1, 2), None, None
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         index_a, index_b, coef_a, coef_b = self._route(x, ctx)

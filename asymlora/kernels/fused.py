@@ -1,12 +1,14 @@
 """The frozen linear and its low-rank update in one op, with the update accumulated inside the
 frozen GEMM (forward and backward).
 
-    y = x Wᵀ (+ bias) + s · (x_a Aᵀ) Bᵀ          A, B shared (2-D) or one per sample (3-D)
+    y = x Wᵀ (+ bias) + s · (x_a A_bᵀ) B_bᵀ        per sample b
 
 Every routed method is this op once routing is decided: AsymLoRA with task routing (A shared, B
 the sample's expert), LoRA-MoE (A and B the sample's expert), MixLoRA (A and B the sample's
-selected factors, scaled by their coefficients). x_a is the adapter's input (x after LoRA
-dropout; None when it is x itself).
+selected factors). The op selects each sample's factors from the parameter tables itself and
+scatters their gradients back (``index_add_`` in float32), and casts the float32 parameters to
+the input's dtype: a handful of kernels per linear instead of autograd's gather, index_put and
+cast nodes. x_a is the adapter's input (x after LoRA dropout; None when it is x itself).
 
 Why an op of its own: the adapter's cost at these shapes is memory traffic, not FLOPs (a rank-32
 update is ~4 % of the frozen GEMM's FLOPs). Written as ``base(x) + delta(x)``, autograd spends
@@ -16,8 +18,9 @@ once and the frozen GEMM adds it in its epilogue (``addmm_`` with beta = 1, in p
 backward the low-rank input gradient is written once and the frozen GEMM ``G W`` accumulates onto
 it: six passes (x read twice, the update written, G read twice, grad x written once).
 
-Both directions are ``torch.library`` custom ops, so ``torch.compile`` keeps them as they are
-(it does not decompose the in-place accumulation); the backward is an op too for the same reason.
+Eagerly it is a ``torch.autograd.Function`` (the least host overhead per call); under
+``torch.compile`` both directions are ``torch.library`` custom ops, so the compiler keeps them as
+they are and does not decompose the in-place accumulation. Both run the same two functions.
 """
 
 from __future__ import annotations
@@ -28,126 +31,206 @@ import torch
 from torch import Tensor
 
 
-def _per_sample(t: Tensor) -> bool:
-    return t.dim() == 3
+def _factor(table: Tensor, index: Tensor | None, dtype: torch.dtype, rows_transposed: bool = False) -> Tensor:
+    """A factor in compute dtype: ``table`` itself (shared ``(p, q)`` or per-sample ``(batch, p, q)``)
+    when ``index`` is None; ``table[index]`` for a table of matrices ``(N, p, q)`` and ``index:
+    (batch,)``; the rows ``table[index]`` ``(batch, r, q)`` of a table of vectors ``(E, q)`` for
+    ``index: (batch, r)`` (transposed to ``(batch, q, r)`` when ``rows_transposed``)."""
+    if index is None:
+        return table.to(dtype)
+    if index.dim() == 1:
+        return table.index_select(0, index).to(dtype)
+    rows = table.index_select(0, index.reshape(-1)).to(dtype).view(*index.shape, table.shape[-1])
+    return rows.transpose(1, 2) if rows_transposed else rows
 
 
-def _times_factor(u: Tensor, m: Tensor, transpose: bool) -> Tensor:
-    """``u (batch, seq, k) @ m`` (or ``mᵀ``) for a shared ``m: (p, q)`` or per-sample ``m: (batch, p, q)``."""
-    if _per_sample(m):
-        return torch.bmm(u, m.transpose(1, 2) if transpose else m)
+def _factor_grad_to_table(grad: Tensor, table: Tensor, index: Tensor | None, rows_transposed: bool = False) -> Tensor:
+    """The inverse of :func:`_factor` for gradients: summed into the table in float32 (or wider)."""
+    if index is None:
+        return grad.to(table.dtype)
+    if rows_transposed:
+        grad = grad.transpose(1, 2)
+    acc = torch.promote_types(table.dtype, torch.float32)
+    grad = grad.reshape(-1, *table.shape[1:]).to(acc)
+    out = torch.zeros(table.shape, dtype=acc, device=table.device).index_add_(0, index.reshape(-1), grad)
+    return out.to(table.dtype)
+
+
+def _times(u: Tensor, m: Tensor, transpose: bool, alpha: float = 1.0) -> Tensor:
+    """``alpha · u (batch, seq, k) @ m`` (or ``mᵀ``) for a shared ``m: (p, q)`` or per-sample
+    ``m: (batch, p, q)``; alpha rides in the GEMM (beta = 0 ignores the uninitialised input)."""
+    m = m.transpose(-1, -2) if transpose else m
+    if m.dim() == 3:
+        if alpha == 1.0:
+            return torch.bmm(u, m)
+        return torch.baddbmm(u.new_empty(u.shape[0], u.shape[1], m.shape[-1]), u, m, beta=0, alpha=alpha)
     flat = u.reshape(-1, u.shape[-1])
-    out = flat @ (m.t() if transpose else m)
+    if alpha == 1.0:
+        out = flat @ m
+    else:
+        out = torch.addmm(flat.new_empty(flat.shape[0], m.shape[-1]), flat, m, beta=0, alpha=alpha)
     return out.view(*u.shape[:-1], out.shape[-1])
 
 
-def _factor_grad(left: Tensor, right: Tensor, per_sample: bool) -> Tensor:
+def _outer(left: Tensor, right: Tensor, per_sample: bool) -> Tensor:
     """``leftᵀ right`` per sample ``(batch, p, q)`` or summed over the batch ``(p, q)``."""
     if per_sample:
         return torch.bmm(left.transpose(1, 2), right)
     return left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])
 
 
-def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
-             scaling: float) -> tuple[Tensor, Tensor]:
-    src = x if x_a is None else x_a
-    h = _times_factor(src, a, transpose=True)  # (batch, seq, r), scaled: saved for dB
-    if scaling != 1.0:
-        h.mul_(scaling)
-    out = _times_factor(h, b, transpose=True)  # (batch, seq, d_out): the update, written once
+def _b_rows(b_index: Tensor | None) -> bool:
+    return b_index is not None and b_index.dim() == 2
+
+
+def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, a_index: Tensor | None,
+             b: Tensor, b_index: Tensor | None, scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The output, and what the backward needs: h = s · x_a Aᵀ, the selected A and B."""
+    a_m = _factor(a, a_index, x.dtype)  # (r, d_in) or (batch, r, d_in)
+    b_m = _factor(b, b_index, x.dtype, rows_transposed=_b_rows(b_index))  # (d_out, r) or (batch, d_out, r)
+    h = _times(x if x_a is None else x_a, a_m, transpose=True, alpha=scaling)  # (batch, seq, r)
+    out = _times(h, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
     flat = out.view(-1, out.shape[-1])
     if bias is not None:
         flat.add_(bias)
     flat.addmm_(x.reshape(-1, x.shape[-1]), weight.t())  # the frozen GEMM adds itself onto it
-    return out, h
+    return out, h, a_m, b_m
 
 
-@torch.library.custom_op("asymlora::lowrank_linear", mutates_args=())
-def _lowrank_linear(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor,
-                    scaling: float) -> tuple[Tensor, Tensor]:
-    return _forward(x, x_a, weight, bias, a, b, scaling)
-
-
-@_lowrank_linear.register_fake
-def _(x, x_a, weight, bias, a, b, scaling):
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], a.shape[-2])
-
-
-@torch.library.custom_op("asymlora::lowrank_linear_backward", mutates_args=())
-def _lowrank_linear_backward(grad: Tensor, x: Tensor, x_a: Optional[Tensor], weight: Tensor, a: Tensor, b: Tensor,
-                             h: Tensor, scaling: float, needs: list[bool]) -> list[Tensor]:
-    """Gradients of (x, x_a, weight, bias, a, b); an empty tensor where ``needs`` is False."""
+def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Tensor, a_index: Tensor | None, b: Tensor,
+              b_index: Tensor | None, a_m: Tensor, b_m: Tensor, h: Tensor, scaling: float,
+              needs: list[bool]) -> list[Tensor | None]:
+    """Gradients of (x, x_a, weight, bias, a, b); None where ``needs`` is False."""
     need_x, need_xa, need_w, need_bias, need_a, need_b = needs
     grad = grad.contiguous()
     flat = grad.view(-1, grad.shape[-1])
     src = x if x_a is None else x_a
-    def empty() -> Tensor:  # outputs may not alias each other: a fresh one per unneeded gradient
-        return grad.new_empty(0)
-
-    gh = _times_factor(grad, b, transpose=False).mul_(scaling)  # dL/d(x_a Aᵀ), (batch, seq, r)
-    grad_b = _factor_grad(grad, h, _per_sample(b)) if need_b else empty()
-    grad_a = _factor_grad(gh, src, _per_sample(a)) if need_a else empty()
-    grad_x, grad_xa = empty(), empty()
+    gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
+    grads: list[Tensor | None] = [None] * 6
+    if need_b:
+        grads[5] = _factor_grad_to_table(_outer(grad, h, b_m.dim() == 3), b, b_index, _b_rows(b_index))
+    if need_a:
+        grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3), a, a_index)
     if x_a is None:
         if need_x:
-            grad_x = _times_factor(gh, a, transpose=False)  # written once ...
+            grad_x = _times(gh, a_m, transpose=False)  # written once ...
             grad_x.view(-1, grad_x.shape[-1]).addmm_(flat, weight)  # ... and G W accumulates onto it
+            grads[0] = grad_x
     else:
         if need_x:
-            grad_x = (flat @ weight).view(*x.shape)
+            grads[0] = (flat @ weight).view(x.shape)
         if need_xa:
-            grad_xa = _times_factor(gh, a, transpose=False)
-    grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if need_w else empty()
-    grad_bias = flat.sum(0) if need_bias else empty()
-    return [grad_x, grad_xa, grad_w, grad_bias, grad_a, grad_b]
+            grads[1] = _times(gh, a_m, transpose=False)
+    if need_w:
+        grads[2] = flat.t() @ x.reshape(-1, x.shape[-1])
+    if need_bias:
+        grads[3] = flat.sum(0)
+    return grads
 
 
-@_lowrank_linear_backward.register_fake
-def _(grad, x, x_a, weight, a, b, h, scaling, needs):
-    def like(t, need):
-        return t.new_empty(t.shape) if need else grad.new_empty(0)
+class _LowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_a, weight, bias, a, a_index, b, b_index, scaling):
+        out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)
+        ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h)
+        ctx.scaling = scaling
+        return out
 
-    bias_shape = grad.new_empty(weight.shape[0]) if needs[3] else grad.new_empty(0)
-    return [like(x, needs[0]), like(x if x_a is None else x_a, needs[1] and x_a is not None), like(weight, needs[2]),
-            bias_shape, like(a, needs[4]), like(b, needs[5])]
+    @staticmethod
+    def backward(ctx, grad):
+        needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+        grads = _backward(grad, *ctx.saved_tensors, ctx.scaling, needs)
+        return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None
+
+
+# ---------------------------------------------------------------- the same, as ops for torch.compile
+@torch.library.custom_op("asymlora::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
+                       a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
+                       scaling: float) -> tuple[Tensor, Tensor]:
+    out, h, _, _ = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)
+    return out, h
+
+
+@_lowrank_linear_op.register_fake
+def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling):
+    r = a.shape[-2] if a_index is None or a_index.dim() == 1 else a_index.shape[-1]
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], r)
+
+
+@torch.library.custom_op("asymlora::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(grad: Tensor, x: Tensor, x_a: Optional[Tensor], weight: Tensor, a: Tensor,
+                                a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor], h: Tensor,
+                                scaling: float, needs: list[bool]) -> list[Tensor]:
+    """Gradients of (x, x_a, weight, bias, a, b), an empty tensor where not needed (ops return tensors)."""
+    a_m = _factor(a, a_index, x.dtype)
+    b_m = _factor(b, b_index, x.dtype, rows_transposed=_b_rows(b_index))
+    grads = _backward(grad, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h, scaling, needs)
+    return [grad.new_empty(0) if g is None else g for g in grads]
+
+
+@_lowrank_linear_backward_op.register_fake
+def _(grad, x, x_a, weight, a, a_index, b, b_index, h, scaling, needs):
+    like = [x, x if x_a is None else x_a, weight, weight[:, 0], a, b]
+    return [t.new_empty(t.shape) if need and (i != 1 or x_a is not None) else grad.new_empty(0)
+            for i, (t, need) in enumerate(zip(like, needs))]
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_a, weight, bias, a, b, scaling = inputs
-    ctx.save_for_backward(x, x_a, weight, a, b, output[1])
+    x, x_a, weight, bias, a, a_index, b, b_index, scaling = inputs
+    ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, output[1])
     ctx.scaling = scaling
 
 
-def _backward(ctx, grad_out, grad_h):
-    x, x_a, weight, a, b, h = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:6])
-    grads = _lowrank_linear_backward(grad_out, x, x_a, weight, a, b, h, ctx.scaling, needs)
-    return (*[g if need else None for g, need in zip(grads, needs)], None)
+def _op_backward(ctx, grad_out, grad_h):
+    x, x_a, weight, a, a_index, b, b_index, h = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+    grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, h, ctx.scaling, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None
 
 
-_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
+_lowrank_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
-                   x_adapter: Tensor | None = None) -> Tensor:
-    """``x Wᵀ + bias + s · (x_adapter Aᵀ) Bᵀ`` for ``x: (batch, seq, d_in)``.
+                   x_adapter: Tensor | None = None, a_index: Tensor | None = None,
+                   b_index: Tensor | None = None) -> Tensor:
+    """``x Wᵀ + bias + s · (x_adapter A_bᵀ) B_bᵀ`` for ``x: (batch, seq, d_in)``, per sample b.
 
-    a: (r, d_in) shared or (batch, r, d_in) per sample; b: (d_out, r) or (batch, d_out, r).
-    Every tensor in one dtype; gradients reach every input that requires them.
+    Without an index, a is ``(r, d_in)`` (shared) or ``(batch, r, d_in)`` and b ``(d_out, r)`` or
+    ``(batch, d_out, r)``. With ``a_index: (batch,)``, a is a table ``(N, r, d_in)`` and sample b
+    uses ``a[a_index[b]]`` (b likewise, ``(N, d_out, r)``); with ``a_index: (batch, r)``, a is a
+    table of rows ``(E, d_in)`` and sample b's A stacks rows ``a_index[b]`` (b: rows ``(E, d_out)``
+    and ``b_index: (batch, r)`` make B's columns). Factors may be float32: they are cast to x's
+    dtype inside and their gradients come back in their own dtype.
     """
-    if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
-        # Inference (generation): the op's dispatch costs more than its kernels at decode shapes.
-        return _forward(x, x_adapter, weight, bias, a, b, float(scaling))[0]
-    return _lowrank_linear(x, x_adapter, weight, bias, a, b, float(scaling))[0]
+    scaling = float(scaling)
+    if torch.compiler.is_compiling():
+        return _lowrank_linear_op(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
+    if not torch.is_grad_enabled():  # inference: nothing to save
+        return _forward(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
+    return _LowRankLinear.apply(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)
+
+
+def routed_matrices(a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each sample's ``A`` and ``B`` as :func:`lowrank_linear` selects them, in ``dtype`` (no gradient)."""
+    return _factor(a, a_index, dtype), _factor(b, b_index, dtype, rows_transposed=_b_rows(b_index))
 
 
 def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
-                             x_adapter: Tensor | None = None) -> Tensor:
+                             x_adapter: Tensor | None = None, a_index: Tensor | None = None,
+                             b_index: Tensor | None = None) -> Tensor:
     """The same in plain autograd ops, one sample at a time (what the tests compare against)."""
     src = x if x_adapter is None else x_adapter
     rows = []
     for i in range(x.shape[0]):
-        a_i = a[i] if _per_sample(a) else a
-        b_i = b[i] if _per_sample(b) else b
+        a_i = a if a_index is None and a.dim() == 2 else a[i] if a_index is None else a[a_index[i]]
+        if b_index is None:
+            b_i = b if b.dim() == 2 else b[i]
+        else:
+            b_i = b[b_index[i]] if b_index.dim() == 1 else b[b_index[i]].T
+        a_i, b_i = a_i.to(x.dtype), b_i.to(x.dtype)
         rows.append(torch.nn.functional.linear(x[i], weight, bias) + scaling * (src[i] @ a_i.T) @ b_i.T)
     return torch.stack(rows)

@@ -1,8 +1,6 @@
 """The fused frozen-linear + low-rank op (kernels/fused.py) against plain autograd, and the layers
 and models that take it against the reference path (``fast_path=False``)."""
 
-import itertools
-
 import pytest
 import torch
 
@@ -11,48 +9,75 @@ from asymlora.adapters import layer as layer_module
 from asymlora.kernels import lowrank_linear, lowrank_linear_reference
 from tests.conftest import tiny_llama
 
-CASES = list(itertools.product([True, False], [True, False], [False, True], [False, True], [True, False]))
+MODES = ["shared", "per_sample", "table", "rows"]
+CASES = [(ma, mb, extra) for ma in MODES for mb in MODES for extra in (False, True)]
 
 
-@pytest.mark.parametrize("shared_a,shared_b,dropout_input,bias,weight_grad", CASES)
-def test_op_matches_plain_autograd_forward_and_every_gradient(shared_a, shared_b, dropout_input, bias, weight_grad):
-    g = torch.Generator().manual_seed(hash((shared_a, shared_b, dropout_input, bias, weight_grad)) % 10_000)
+def _factor_and_index(mode, g, batch, r, d, n_table=3, n_rows=9, dtype=torch.float64):
+    """A factor in one of the op's four forms, and its index (None for the first two)."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
 
-    def rand(*shape, grad=True):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+    if mode == "shared":
+        return rand(r, d), None
+    if mode == "per_sample":
+        return rand(batch, r, d), None
+    if mode == "table":  # samples share experts: gradients must accumulate
+        return rand(n_table, r, d), torch.randint(0, n_table, (batch,), generator=g)
+    return rand(n_rows, d), torch.stack([torch.randperm(n_rows, generator=g)[:r] for _ in range(batch)])
 
-    batch, seq, d_in, d_out, r = 3, 5, 7, 6, 4
-    x = rand(batch, seq, d_in)
-    x_a = rand(batch, seq, d_in) if dropout_input else None
-    weight = rand(d_out, d_in, grad=weight_grad)
-    b_vec = rand(d_out, grad=weight_grad) if bias else None
-    a = rand(r, d_in) if shared_a else rand(batch, r, d_in)
-    b = rand(d_out, r) if shared_b else rand(batch, d_out, r)
-    leaves = [t for t in (x, x_a, weight, b_vec, a, b) if t is not None and t.requires_grad]
+
+@pytest.mark.parametrize("mode_a,mode_b,extra", CASES)
+def test_op_matches_plain_autograd_forward_and_every_gradient(mode_a, mode_b, extra):
+    """Every form of A and B; ``extra``: a separate adapter input (dropout), a bias, a trainable
+    weight, and float32 factors under a float64 input (cast inside, gradients in their dtype)."""
+    g = torch.Generator().manual_seed(MODES.index(mode_a) * 10 + MODES.index(mode_b) + 100 * extra)
+    batch, seq, d_in, d_out, r = 4, 5, 7, 6, 3
+    x = torch.randn(batch, seq, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    x_a = torch.randn(batch, seq, d_in, generator=g, dtype=torch.float64, requires_grad=True) if extra else None
+    weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64, requires_grad=extra)
+    bias = torch.randn(d_out, generator=g, dtype=torch.float64, requires_grad=True) if extra else None
+    factor_dtype = torch.float32 if extra else torch.float64
+    a, a_index = _factor_and_index(mode_a, g, batch, r, d_in, dtype=factor_dtype)
+    if mode_b == "rows":
+        b, b_index = _factor_and_index("rows", g, batch, r, d_out, dtype=factor_dtype)
+    else:
+        b, b_index = _factor_and_index(mode_b, g, batch, d_out, r, dtype=factor_dtype)  # (.., d_out, r)
+    leaves = [t for t in (x, x_a, weight, bias, a, b) if t is not None and t.requires_grad]
     upstream = torch.randn(batch, seq, d_out, generator=g, dtype=torch.float64)
     results = []
     for fn in (lowrank_linear, lowrank_linear_reference):
-        y = fn(x, weight, b_vec, a, b, 1.5, x_adapter=x_a)
+        y = fn(x, weight, bias, a, b, 1.5, x_adapter=x_a, a_index=a_index, b_index=b_index)
         results.append((y, torch.autograd.grad((y * upstream).sum(), leaves)))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for fused, plain in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(fused, plain)
+    tol = dict(rtol=1e-5, atol=1e-5) if extra else {}
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    for fused, plain, leaf in zip(results[0][1], results[1][1], leaves):
+        assert fused.dtype == leaf.dtype
+        torch.testing.assert_close(fused, plain, **tol)
 
 
 def test_op_under_compile_equals_eager_and_passes_opcheck():
+    """Compiled, the op is the torch.library pair (forward and backward ops): same values and
+    gradients as the eager autograd.Function, and the ops pass torch.library.opcheck."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
     weight = torch.randn(5, 8, generator=g)
     a = torch.randn(4, 8, generator=g, requires_grad=True)
-    b = torch.randn(2, 5, 4, generator=g, requires_grad=True)
-    compiled = torch.compile(lambda *t: lowrank_linear(*t, 2.0), backend="aot_eager", fullgraph=True)
-    grads = []
-    for fn in (compiled, lambda *t: lowrank_linear(*t, 2.0)):
-        y = fn(x, weight, None, a, b)
-        grads.append((y, *torch.autograd.grad(y.square().sum(), (x, a, b))))
-    for c, e in zip(*grads):
+    table, index = torch.randn(3, 5, 4, generator=g, requires_grad=True), torch.tensor([2, 2])
+
+    def fn(x, a, table, index):
+        return lowrank_linear(x, weight, None, a, table, 2.0, b_index=index)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    runs = []
+    for f in (compiled, fn):
+        y = f(x, a, table, index)
+        runs.append((y, *torch.autograd.grad(y.square().sum(), (x, a, table))))
+    for c, e in zip(*runs):
         torch.testing.assert_close(c, e)
-    torch.library.opcheck(torch.ops.asymlora.lowrank_linear.default, (x, None, weight, None, a, b, 2.0))
+    op = torch.ops.asymlora.lowrank_linear.default
+    torch.library.opcheck(op, (x, None, weight, None, a, None, table, index, 2.0))
+    torch.library.opcheck(op, (x, x.detach() * 0.5, weight, torch.randn(5), a, None, table[0], None, 1.0))
 
 
 @pytest.mark.parametrize("config,fused", [
