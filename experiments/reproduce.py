@@ -9,13 +9,14 @@ each method on a mixture of three domains built like AsymLoRA's VQA + Gen settin
 - ``gen``: long / generative answers (describe, where_long) and count_word, which asks
   count_digit's question about the same images with the opposite answer convention.
 
-The domain is the task id (N = 3 experts, one per domain, for task routing). Three tasks are held
+The domain is the task id (N = 3 experts, one per domain, for task routing). ``--setting single``
+is setting (a): three short-answer VQA tasks of one domain, each its own task id. Three tasks are held
 out (count_reworded, color_at_position, digit_mc) for zero-shot transfer, as MixLoRA does. Each
 run is scored per task with the task's metric on held-out test samples; the table is mean ± std
 over seeds. Interference heatmaps come from the LoRA r 8 run of the first seed, the routing t-SNE
 from MixLoRA's.
 
-    python experiments/reproduce.py --out OUT [--seeds 0 1 2] [--jobs 6]          # GPU
+    python experiments/reproduce.py --out OUT [--seeds 0 1 2] [--jobs 6] [--setting single]   # GPU
     python experiments/reproduce.py --out OUT --smoke                               # CPU, CI
 """
 
@@ -39,7 +40,20 @@ DOMAINS = {
     "gen": ["describe", "where_long", "count_word"],
 }
 HELD_OUT = {"count_reworded": "vqa", "color_at_position": "vqa", "digit_mc": "cls"}
+# Setting (a): one domain, short-answer VQA, each task its own id (N = 3 experts, one per task).
+SETTINGS = {
+    "conflicting": (DOMAINS, HELD_OUT),
+    "single": ({"color": ["vqa_color"], "shape": ["vqa_shape"], "relation": ["gqa_relation"]},
+               {"color_at_position": "color"}),
+}
 ALIAS = {task: domain for domain, tasks in DOMAINS.items() for task in tasks} | HELD_OUT
+
+
+def use_setting(name: str) -> None:
+    """Point DOMAINS / HELD_OUT / ALIAS at one of SETTINGS (workers receive the name too)."""
+    global DOMAINS, HELD_OUT, ALIAS
+    DOMAINS, HELD_OUT = SETTINGS[name]
+    ALIAS = {task: domain for domain, tasks in DOMAINS.items() for task in tasks} | HELD_OUT
 
 METHODS = {
     "LoRA r4": {"method": "lora", "r": 4, "lora_alpha": 8},
@@ -51,6 +65,8 @@ METHODS = {
     "MixLoRA E16 r4": {"method": "mixlora", "r": 4, "num_factors": 16, "lora_alpha": 32},
     "MixLoRA E16 r4 no CFS": {"method": "mixlora", "r": 4, "num_factors": 16, "lora_alpha": 32, "conditional": False},
     "MixLoRA E32 r8": {"method": "mixlora", "r": 8, "num_factors": 32, "lora_alpha": 64},
+    "LoRA r8": {"method": "lora", "r": 8, "lora_alpha": 16},
+    "MixLoRA E32 r2": {"method": "mixlora", "r": 2, "num_factors": 32, "lora_alpha": 64},
 }
 SMOKE_METHODS = ["LoRA r4", "MixLoRA E16 r4"]  # the two the analysis reads
 
@@ -65,7 +81,7 @@ def mixture(suite: Path) -> list[dict]:
     from asymlora.data.suite import load_suite
 
     manifest = load_suite(suite)
-    folder = suite.parent / "domain_data"
+    folder = suite.parent / ("domain_data" if DOMAINS is SETTINGS["conflicting"][0] else "task_data")
     folder.mkdir(exist_ok=True)
     datasets = []
     for domain, tasks in DOMAINS.items():
@@ -208,6 +224,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--limit", type=int, default=48)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="conflicting",
+                   help="conflicting: three domains (the default); single: three tasks of one domain")
+    p.add_argument("--skip-analysis", action="store_true", help="no heatmaps / t-SNE (runs for extra seeds)")
     p.add_argument("--smoke", action="store_true", help="tiny-llava, a few steps: the CI smoke test")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -216,6 +235,7 @@ def main() -> None:
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--suite", help=argparse.SUPPRESS)
     args = p.parse_args()
+    use_setting(args.setting)
     if args.worker:
         return run_one(args)
     if args.smoke:
@@ -237,7 +257,7 @@ def main() -> None:
             run_dir = args.out / "runs" / f"{slug(method)}-s{seed}"
             cmd = [sys.executable, __file__, "--worker", "--out", str(args.out), "--method", method, "--seed", str(seed),
                    "--run-dir", str(run_dir), "--base", str(base), "--suite", str(suite), "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--lr", str(args.lr), "--limit", str(args.limit)]
+                   "--batch", str(args.batch), "--lr", str(args.lr), "--limit", str(args.limit), "--setting", args.setting]
             log = open(log_dir / f"{slug(method)}-s{seed}.log", "w")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}), f"{method} seed {seed}"))
@@ -249,7 +269,7 @@ def main() -> None:
                 print(f"finished {name}: rc {proc.returncode} ({time.perf_counter() - started:.0f} s)", flush=True)
                 if proc.returncode:
                     failures.append(name)
-    analysis = analyse(args, base, suite, args.seeds[0])
+    analysis = {} if args.skip_analysis or args.setting != "conflicting" else analyse(args, base, suite, args.seeds[0])
     table = aggregate(args, methods, args.seeds)
     import torch
 
