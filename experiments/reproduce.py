@@ -178,21 +178,24 @@ def analyse(args: argparse.Namespace, base: Path, suite: Path, seed: int) -> dic
 
 
 def aggregate(args: argparse.Namespace, methods: list[str], seeds: list[int]) -> str:
+    raw = {}
+    for method in methods:
+        results = [json.loads(path.read_text()) for seed in seeds
+                   if (path := args.out / "runs" / f"{slug(method)}-s{seed}" / "result.json").is_file()]
+        if results:
+            raw[method] = results
+    (args.out / "raw_results.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return results_table(raw)
+
+
+def results_table(raw: dict[str, list[dict]]) -> str:
+    """Methods as rows, tasks as columns, mean ± std over the seeds each method has."""
     from asymlora.evaluate.evaluate import headline
 
     tasks = [t for d in DOMAINS.values() for t in d]
     held = list(HELD_OUT)
-    rows, raw = [], {}
-    for method in methods:
-        results = []
-        for seed in seeds:
-            path = args.out / "runs" / f"{slug(method)}-s{seed}" / "result.json"
-            if path.is_file():
-                results.append(json.loads(path.read_text()))
-        if not results:
-            continue
-        raw[method] = results
-
+    rows = []
+    for method, results in raw.items():
         def cell(task: str) -> str:
             values = [headline(r["scores"][task]) for r in results if task in r["scores"]]
             if not values:
@@ -205,17 +208,17 @@ def aggregate(args: argparse.Namespace, methods: list[str], seeds: list[int]) ->
                     else f"{per_seed[0]:.1f}")
 
         non_mme = [t for t in tasks if t != "mme"]
+        seeds = ",".join(str(r["seed"]) for r in results)
         rows.append(f"| {method} | " + " | ".join(cell(t) for t in tasks + held) + f" | {mean_of(non_mme)} | {mean_of(held)} | "
-                    f"{results[0]['trainable_parameters']:,d} | {1000 * statistics.mean(r['step_time_s'] for r in results):.0f} |")
-    head = "| method | " + " | ".join(tasks + [f"{t} (held out)" for t in held]) + " | avg trained (excl. MME) | avg held out | trainable params | ms / step |"
-    table = "\n".join([head, "|" + "---|" * (len(tasks) + len(held) + 5), *rows])
-    (args.out / "raw_results.json").write_text(json.dumps(raw, indent=2) + "\n")
-    return table
+                    f"{results[0]['trainable_parameters']:,d} | {1000 * statistics.mean(r['step_time_s'] for r in results):.0f} | {seeds} |")
+    head = ("| method | " + " | ".join(tasks + [f"{t} (held out)" for t in held])
+            + " | avg trained (excl. MME) | avg held out | trainable params | ms / step | seeds |")
+    return "\n".join([head, "|" + "---|" * (len(tasks) + len(held) + 6), *rows])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="results; runs already finished there are skipped")
+    p.add_argument("--out", type=Path, help="results; runs already finished there are skipped")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="*", default=None)
     p.add_argument("--jobs", type=int, default=6, help="runs at once (the GPU holds many small runs)")
@@ -234,8 +237,13 @@ def main() -> None:
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--suite", help=argparse.SUPPRESS)
+    p.add_argument("--table-from", type=Path, help="print the table of a raw_results.json and exit")
     args = p.parse_args()
     use_setting(args.setting)
+    if args.table_from:
+        return print(results_table(json.loads(args.table_from.read_text())))
+    if args.out is None:
+        p.error("--out is required")
     if args.worker:
         return run_one(args)
     if args.smoke:
