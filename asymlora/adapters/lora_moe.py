@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..kernels import lora_moe_delta
 from .config import ExpertConfig
 from .layer import AdapterLayer
-from .routing import RoutingContext, expert_weights, hard_task_index
+from .routing import RoutingContext, expert_weights, hard_route, hard_task_index
 
 
 @dataclass
@@ -40,12 +40,8 @@ class LoraMoeLinear(AdapterLayer):
         nn.init.zeros_(self.expert_b)
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
-        index = hard_task_index(ctx, self.config, x.shape[0])
-        if index is None:
-            return None
-        if self.config.routing != "task" or ctx.collect_stats or ctx.collect_selections:
-            expert_weights(x, ctx, self.router, self.config, self.name)  # the gate's loss and statistics
-        return self.expert_a, self.expert_b, index, index
+        index = hard_route(x, ctx, self.router, self.config, self.name)
+        return None if index is None else (self.expert_a, self.expert_b, index, index)
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)

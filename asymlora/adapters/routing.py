@@ -230,6 +230,15 @@ def expert_weights(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Modul
     return weights
 
 
+def hard_route(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Module | None, config, key: str) -> Tensor | None:
+    """The expert index per sample when whole samples go by task id (None otherwise), with what
+    the gate records on the way (task_supervised's loss; statistics when asked for)."""
+    index = hard_task_index(ctx, config, x.shape[0])
+    if index is not None and (config.routing != "task" or ctx.collect_stats or ctx.collect_selections):
+        expert_weights(x, ctx, router, config, key)
+    return index
+
+
 def record_routing(ctx: RoutingContext, key: str, probs: Tensor, weights: Tensor, mask: Tensor) -> None:
     """Store usage / entropy statistics and per-instance selections when the context asks for them."""
     if not ctx.recording or not (ctx.collect_stats or ctx.collect_selections):
