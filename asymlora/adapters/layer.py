@@ -64,14 +64,20 @@ class AdapterLayer(nn.Module):
         return (self.fast_path and self.compute_in_input_dtype and x.dim() == 3 and same_dtype
                 and not base._forward_hooks and not base._forward_pre_hooks)
 
+    @staticmethod
+    def _fused_dtype(x: Tensor) -> torch.dtype:
+        """The dtype the fused op runs in: autocast's when it is on (as for F.linear), else x's."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
     def _fused(self, x: Tensor, factors: tuple, scaling: float, x_adapter: Tensor | None) -> Tensor:
         a, b, a_index, b_index = factors
         weight, bias = self.base_layer.weight, self.base_layer.bias
         device = x.device.type
         if torch.is_autocast_enabled(device):
-            # Operands go to autocast's dtype, as autocast does for F.linear; the op itself runs
-            # with autocast off (its in-place accumulation needs one dtype; it casts the factors).
-            dtype = torch.get_autocast_dtype(device)
+            # Operands go to autocast's dtype; the op itself runs with autocast off (its in-place
+            # accumulation needs one dtype; it casts the factors).
+            dtype = self._fused_dtype(x)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             x_adapter = None if x_adapter is None else x_adapter.to(dtype)
@@ -93,8 +99,7 @@ class AdapterLayer(nn.Module):
             routed = self.routed_factors(x, ctx)
             if routed is None:
                 return None
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            a, b = routed_matrices(*routed, dtype)
+            a, b = routed_matrices(*routed, self._fused_dtype(x))
             factors = (a, b * self.scaling, None, None)
             cache[key] = factors
         return factors

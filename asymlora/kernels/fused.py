@@ -83,11 +83,17 @@ def _b_rows(b_index: Tensor | None) -> bool:
     return b_index is not None and b_index.dim() == 2
 
 
+def routed_matrices(a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None,
+                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each sample's ``A`` and ``B`` as :func:`lowrank_linear` selects them, in ``dtype``: A
+    ``(r, d_in)`` or ``(batch, r, d_in)``, B ``(d_out, r)`` or ``(batch, d_out, r)``."""
+    return _factor(a, a_index, dtype), _factor(b, b_index, dtype, rows_transposed=_b_rows(b_index))
+
+
 def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, a_index: Tensor | None,
              b: Tensor, b_index: Tensor | None, scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The output, and what the backward needs: h = s · x_a Aᵀ, the selected A and B."""
-    a_m = _factor(a, a_index, x.dtype)  # (r, d_in) or (batch, r, d_in)
-    b_m = _factor(b, b_index, x.dtype, rows_transposed=_b_rows(b_index))  # (d_out, r) or (batch, d_out, r)
+    a_m, b_m = routed_matrices(a, b, a_index, b_index, x.dtype)
     h = _times(x if x_a is None else x_a, a_m, transpose=True, alpha=scaling)  # (batch, seq, r)
     out = _times(h, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
     flat = out.view(-1, out.shape[-1])
@@ -128,6 +134,16 @@ def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Te
     return grads
 
 
+def _needs(ctx) -> list[bool]:
+    """Which of (x, x_a, weight, bias, a, b) need a gradient (inputs 5, 7, 8 are indices / scaling)."""
+    return [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+
+
+def _input_grads(grads: list[Tensor | None]) -> tuple:
+    """_backward's six gradients in the order of the inputs (x, x_a, weight, bias, a, a_index, b, b_index, scaling)."""
+    return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None
+
+
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_a, weight, bias, a, a_index, b, b_index, scaling):
@@ -138,9 +154,7 @@ class _LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
-        grads = _backward(grad, *ctx.saved_tensors, ctx.scaling, needs)
-        return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None
+        return _input_grads(_backward(grad, *ctx.saved_tensors, ctx.scaling, _needs(ctx)))
 
 
 # ---------------------------------------------------------------- the same, as ops for torch.compile
@@ -163,8 +177,7 @@ def _lowrank_linear_backward_op(grad: Tensor, x: Tensor, x_a: Optional[Tensor], 
                                 a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor], h: Tensor,
                                 scaling: float, needs: list[bool]) -> list[Tensor]:
     """Gradients of (x, x_a, weight, bias, a, b), an empty tensor where not needed (ops return tensors)."""
-    a_m = _factor(a, a_index, x.dtype)
-    b_m = _factor(b, b_index, x.dtype, rows_transposed=_b_rows(b_index))
+    a_m, b_m = routed_matrices(a, b, a_index, b_index, x.dtype)
     grads = _backward(grad, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h, scaling, needs)
     return [grad.new_empty(0) if g is None else g for g in grads]
 
@@ -184,10 +197,9 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_out, grad_h):
     x, x_a, weight, a, a_index, b, b_index, h = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+    needs = _needs(ctx)
     grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, h, ctx.scaling, needs)
-    grads = [g if need else None for g, need in zip(grads, needs)]
-    return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None
+    return _input_grads([g if need else None for g, need in zip(grads, needs)])
 
 
 _lowrank_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -211,12 +223,6 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b:
     if not torch.is_grad_enabled():  # inference: nothing to save
         return _forward(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
     return _LowRankLinear.apply(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)
-
-
-def routed_matrices(a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tensor | None,
-                    dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Each sample's ``A`` and ``B`` as :func:`lowrank_linear` selects them, in ``dtype`` (no gradient)."""
-    return _factor(a, a_index, dtype), _factor(b, b_index, dtype, rows_transposed=_b_rows(b_index))
 
 
 def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
