@@ -122,8 +122,9 @@ def profile_steps(step, steps: int = 3, top: int = 15) -> dict:
             "top": [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in ranked]}
 
 
-def generation(shape: dict, new_tokens: int = 64) -> dict:
-    """Mixed-task batch through the task-routed AsymLoRA against the merged single-task model."""
+def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int = 3) -> dict:
+    """Mixed-task batch through the task-routed AsymLoRA against the merged single-task model:
+    ``rounds`` alternations of ``repeat`` timed calls each, medians."""
     base = build_base(shape)
     model = get_model(base, AsymLoraConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS))
     with torch.no_grad():
@@ -137,20 +138,26 @@ def generation(shape: dict, new_tokens: int = 64) -> dict:
     result = {}
     for mode in ("eager", "static_compiled"):
         extra = {} if mode == "eager" else {"cache_implementation": "static"}
+        mixed_call = lambda: model.generate(**args, **extra, task_ids=task_ids)  # noqa: E731
+        merged_call = lambda: model.generate(**args, **extra)  # noqa: E731
         try:
-            mixed = time_cuda(lambda: model.generate(**args, **extra, task_ids=task_ids), warmup=2, repeat=3)
-            model.merge(0)
-            try:
-                merged = time_cuda(lambda: model.generate(**args, **extra), warmup=2, repeat=3)
-            finally:
-                model.unmerge()
+            # Generation is host-bound and its timings drift: the two sides alternate in rounds
+            # (merging in place keeps the weights' addresses, so compiled graphs stay valid).
+            mixed, merged = [], []
+            for round_ in range(rounds):
+                mixed += time_cuda(mixed_call, warmup=2 if round_ == 0 else 0, repeat=repeat)
+                model.merge(0)
+                try:
+                    merged += time_cuda(merged_call, warmup=2 if round_ == 0 else 0, repeat=repeat)
+                finally:
+                    model.unmerge()
         except Exception as err:  # reported, not fatal
             result[mode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             continue
         tok = b * new_tokens
         result[mode] = {"mixed_tokens_per_s": tok / median(mixed) * 1e3, "merged_tokens_per_s": tok / median(merged) * 1e3,
-                        "ratio": median(merged) / median(mixed)}
-        print(f"generation {mode}: {result[mode]}", flush=True)
+                        "ratio": median(merged) / median(mixed), "mixed_ms": mixed, "merged_ms": merged}
+        print(f"generation {mode}: { {k: v for k, v in result[mode].items() if not k.endswith('_ms')} }", flush=True)
     ok = {m: r for m, r in result.items() if "ratio" in r}
     if ok:  # each side at its faster mode
         mixed_best = max(r["mixed_tokens_per_s"] for r in ok.values())

@@ -88,14 +88,19 @@ class AdapterLayer(nn.Module):
     def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
         routing decided on the prompt), each sample's ``(A, s·B)`` is selected and cast once and
-        reused by every decode step."""
+        reused by every decode step.
+
+        The prefill fills the cache eagerly (transformers compiles the decode steps only, with
+        CUDA graphs, under a static cache); compiled decode steps read it, so the graph they replay
+        holds two GEMMs per linear and no selection or cast. Nothing is cached while compiling."""
         cache = None if ctx is None else ctx.pooled_cache
-        if (cache is None or torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections
-                or torch.compiler.is_compiling()):
+        if cache is None or torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
             return None
         key = f"{self.name}:factors"
         factors = cache.get(key)
         if factors is None or (factors[1].dim() == 3 and factors[1].shape[0] != x.shape[0]):
+            if torch.compiler.is_compiling():
+                return None
             routed = self.routed_factors(x, ctx)
             if routed is None:
                 return None

@@ -44,13 +44,19 @@ def _factor(table: Tensor, index: Tensor | None, dtype: torch.dtype, rows_transp
     return rows.transpose(1, 2) if rows_transposed else rows
 
 
+def _grad_dtype(table: Tensor, index: Tensor | None) -> torch.dtype:
+    """The dtype a factor's gradient is computed in: the table's, summed in float32 (or wider) when
+    several samples' gradients are added into one row."""
+    return table.dtype if index is None else torch.promote_types(table.dtype, torch.float32)
+
+
 def _factor_grad_to_table(grad: Tensor, table: Tensor, index: Tensor | None, rows_transposed: bool = False) -> Tensor:
     """The inverse of :func:`_factor` for gradients: summed into the table in float32 (or wider)."""
     if index is None:
         return grad.to(table.dtype)
     if rows_transposed:
         grad = grad.transpose(1, 2)
-    acc = torch.promote_types(table.dtype, torch.float32)
+    acc = _grad_dtype(table, index)
     grad = grad.reshape(-1, *table.shape[1:]).to(acc)
     out = torch.zeros(table.shape, dtype=acc, device=table.device).index_add_(0, index.reshape(-1), grad)
     return out.to(table.dtype)
@@ -72,11 +78,24 @@ def _times(u: Tensor, m: Tensor, transpose: bool, alpha: float = 1.0) -> Tensor:
     return out.view(*u.shape[:-1], out.shape[-1])
 
 
-def _outer(left: Tensor, right: Tensor, per_sample: bool) -> Tensor:
-    """``leftᵀ right`` per sample ``(batch, p, q)`` or summed over the batch ``(p, q)``."""
+# CUDA GEMMs that take bf16 / fp16 operands and write float32 (aten::mm.dtype, torch >= 2.8): the
+# parameters' float32 gradients come out of the GEMM itself, not out of a GEMM and a cast kernel.
+_GEMM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def _outer(left: Tensor, right: Tensor, per_sample: bool, out_dtype: torch.dtype) -> Tensor:
+    """``leftᵀ right`` per sample ``(batch, p, q)`` or summed over the batch ``(p, q)``, written in
+    ``out_dtype`` directly where the GEMM can (half-precision operands on CUDA), else cast."""
     if per_sample:
-        return torch.bmm(left.transpose(1, 2), right)
-    return left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])
+        left, right = left.transpose(1, 2), right
+        gemm = torch.bmm
+    else:
+        left, right = left.reshape(-1, left.shape[-1]).t(), right.reshape(-1, right.shape[-1])
+        gemm = torch.mm
+    if (out_dtype == torch.float32 and left.dtype in (torch.bfloat16, torch.float16) and left.is_cuda
+            and _GEMM_OUT_DTYPE):
+        return gemm(left, right, out_dtype=out_dtype)
+    return gemm(left, right).to(out_dtype)
 
 
 def _b_rows(b_index: Tensor | None) -> bool:
@@ -114,9 +133,10 @@ def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Te
     gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
     grads: list[Tensor | None] = [None] * 6
     if need_b:
-        grads[5] = _factor_grad_to_table(_outer(grad, h, b_m.dim() == 3), b, b_index, _b_rows(b_index))
+        g_b = _outer(grad, h, b_m.dim() == 3, _grad_dtype(b, b_index))
+        grads[5] = _factor_grad_to_table(g_b, b, b_index, _b_rows(b_index))
     if need_a:
-        grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3), a, a_index)
+        grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3, _grad_dtype(a, a_index)), a, a_index)
     if x_a is None:
         if need_x:
             grad_x = _times(gh, a_m, transpose=False)  # written once ...
@@ -158,32 +178,68 @@ class _LowRankLinear(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- the same, as ops for torch.compile
+def _b_to_save(b_m: Tensor, b_index: Tensor | None) -> Tensor:
+    """B as the op returns it for the backward: MixLoRA's selected rows ``(batch, r, d_out)``
+    untransposed (a custom op's outputs are dense, as its fake kernel says)."""
+    return b_m.transpose(1, 2) if _b_rows(b_index) else b_m
+
+
+def _selected_shapes(a: Tensor, a_index: Tensor | None, b: Tensor, b_index: Tensor | None):
+    """Shapes of the selected (A, B-to-save) for the fake kernels."""
+    def shape(table, index):
+        if index is None:
+            return tuple(table.shape)
+        if index.dim() == 1:
+            return (index.shape[0], *table.shape[1:])
+        return (*index.shape, table.shape[-1])
+    return shape(a, a_index), shape(b, b_index)
+
+
 @torch.library.custom_op("asymlora::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
                        a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
-                       scaling: float) -> tuple[Tensor, Tensor]:
-    out, h, _, _ = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)
-    return out, h
+                       scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The training forward: the output, h and the selected factors, kept for the backward op (so
+    it does not select and cast them again)."""
+    out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)
+    b_m = _b_to_save(b_m, b_index)
+    # An op's outputs may not alias its inputs: a factor already in x's dtype is the table itself.
+    return out, h, a_m.clone() if a_m is a else a_m, b_m.clone() if b_m is b else b_m
 
 
 @_lowrank_linear_op.register_fake
 def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling):
     r = a.shape[-2] if a_index is None or a_index.dim() == 1 else a_index.shape[-1]
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], r)
+    a_shape, b_shape = _selected_shapes(a, a_index, b, b_index)
+    return (x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], r),
+            x.new_empty(a_shape), x.new_empty(b_shape))
+
+
+@torch.library.custom_op("asymlora::lowrank_linear_inference", mutates_args=())
+def _lowrank_linear_inference_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
+                                 a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
+                                 scaling: float) -> Tensor:
+    """The forward alone (no gradient wanted): nothing is kept."""
+    return _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)[0]
+
+
+@_lowrank_linear_inference_op.register_fake
+def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("asymlora::lowrank_linear_backward", mutates_args=())
 def _lowrank_linear_backward_op(grad: Tensor, x: Tensor, x_a: Optional[Tensor], weight: Tensor, a: Tensor,
-                                a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor], h: Tensor,
-                                scaling: float, needs: list[bool]) -> list[Tensor]:
+                                a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor], a_m: Tensor,
+                                b_m: Tensor, h: Tensor, scaling: float, needs: list[bool]) -> list[Tensor]:
     """Gradients of (x, x_a, weight, bias, a, b), an empty tensor where not needed (ops return tensors)."""
-    a_m, b_m = routed_matrices(a, b, a_index, b_index, x.dtype)
+    b_m = _b_to_save(b_m, b_index)  # back to (batch, d_out, r) for rows
     grads = _backward(grad, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h, scaling, needs)
     return [grad.new_empty(0) if g is None else g for g in grads]
 
 
 @_lowrank_linear_backward_op.register_fake
-def _(grad, x, x_a, weight, a, a_index, b, b_index, h, scaling, needs):
+def _(grad, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h, scaling, needs):
     like = [x, x if x_a is None else x_a, weight, weight[:, 0], a, b]
     return [t.new_empty(t.shape) if need and (i != 1 or x_a is not None) else grad.new_empty(0)
             for i, (t, need) in enumerate(zip(like, needs))]
@@ -191,14 +247,16 @@ def _(grad, x, x_a, weight, a, a_index, b, b_index, h, scaling, needs):
 
 def _setup_context(ctx, inputs, output):
     x, x_a, weight, bias, a, a_index, b, b_index, scaling = inputs
-    ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, output[1])
+    _, h, a_m, b_m = output
+    ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h)
     ctx.scaling = scaling
 
 
-def _op_backward(ctx, grad_out, grad_h):
-    x, x_a, weight, a, a_index, b, b_index, h = ctx.saved_tensors
+def _op_backward(ctx, grad_out, grad_h, grad_a_m, grad_b_m):
+    x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h = ctx.saved_tensors
     needs = _needs(ctx)
-    grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, h, ctx.scaling, needs)
+    grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h,
+                                        ctx.scaling, needs)
     return _input_grads([g if need else None for g, need in zip(grads, needs)])
 
 
@@ -218,9 +276,13 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b:
     dtype inside and their gradients come back in their own dtype.
     """
     scaling = float(scaling)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, x_adapter, weight, bias, a, b))
     if torch.compiler.is_compiling():
+        if not wants_grad:
+            return _lowrank_linear_inference_op(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)
         return _lowrank_linear_op(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
-    if not torch.is_grad_enabled():  # inference: nothing to save
+    if not wants_grad:  # inference: nothing to save
         return _forward(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
     return _LowRankLinear.apply(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)
 

@@ -56,28 +56,39 @@ def test_op_matches_plain_autograd_forward_and_every_gradient(mode_a, mode_b, ex
         torch.testing.assert_close(fused, plain, **tol)
 
 
-def test_op_under_compile_equals_eager_and_passes_opcheck():
-    """Compiled, the op is the torch.library pair (forward and backward ops): same values and
-    gradients as the eager autograd.Function, and the ops pass torch.library.opcheck."""
+@pytest.mark.parametrize("form", ["task_table", "rows"])
+def test_op_under_compile_equals_eager_and_passes_opcheck(form):
+    """Compiled, the op is the torch.library ops (forward keeping the selected factors, backward,
+    inference): same values and gradients as the eager autograd.Function, and the ops pass
+    torch.library.opcheck. "rows" is MixLoRA's form (factors gathered from pools of rows)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
     weight = torch.randn(5, 8, generator=g)
-    a = torch.randn(4, 8, generator=g, requires_grad=True)
-    table, index = torch.randn(3, 5, 4, generator=g, requires_grad=True), torch.tensor([2, 2])
+    if form == "task_table":
+        a, a_index = torch.randn(4, 8, generator=g, requires_grad=True), None
+        table, index = torch.randn(3, 5, 4, generator=g, requires_grad=True), torch.tensor([2, 2])
+    else:
+        a, a_index = torch.randn(6, 8, generator=g, requires_grad=True), torch.tensor([[0, 5, 1], [2, 2, 4]])
+        table, index = torch.randn(6, 5, generator=g, requires_grad=True), torch.tensor([[3, 1, 1], [0, 5, 2]])
 
     def fn(x, a, table, index):
-        return lowrank_linear(x, weight, None, a, table, 2.0, b_index=index)
+        return lowrank_linear(x, weight, None, a, table, 2.0, a_index=a_index, b_index=index)
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     runs = []
     for f in (compiled, fn):
         y = f(x, a, table, index)
         runs.append((y, *torch.autograd.grad(y.square().sum(), (x, a, table))))
+        with torch.no_grad():  # the inference op under compile, the plain forward eagerly
+            runs[-1] += (f(x, a, table, index),)
     for c, e in zip(*runs):
         torch.testing.assert_close(c, e)
-    op = torch.ops.asymlora.lowrank_linear.default
-    torch.library.opcheck(op, (x, None, weight, None, a, None, table, index, 2.0))
-    torch.library.opcheck(op, (x, x.detach() * 0.5, weight, torch.randn(5), a, None, table[0], None, 1.0))
+    for op, grad in ((torch.ops.asymlora.lowrank_linear.default, True),
+                     (torch.ops.asymlora.lowrank_linear_inference.default, False)):  # (no autograd formula)
+        xg, ag, tg = (x, a, table) if grad else (x.detach(), a.detach(), table.detach())
+        torch.library.opcheck(op, (xg, None, weight, None, ag, a_index, tg, index, 2.0))
+        if form == "task_table":
+            torch.library.opcheck(op, (xg, x.detach() * 0.5, weight, torch.randn(5), ag, None, tg[0], None, 1.0))
 
 
 @pytest.mark.parametrize("config,fused", [
@@ -167,3 +178,29 @@ def test_fused_layers_under_autocast_match_the_reference_path():
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0.05, atol=0.05)
     rel = (runs[0][1] - runs[1][1]).norm() / runs[1][1].norm()
     assert rel < 0.05, rel
+
+
+def test_compiled_decode_steps_read_the_generation_cache_filled_eagerly(monkeypatch):
+    """transformers runs the prefill eagerly and compiles the decode steps (static cache): the
+    compiled step reads the factors the prefill cached (no selection traced into the graph) and
+    gives the eager step's logits; while compiling, nothing is written to the cache."""
+    model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task")).eval()
+    _randomize(model, 4)
+    ids, task_ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(3)), torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        ctx = model._set_context(task_ids, {"input_ids": ids}, generating=True)
+        eager = model.base_model(input_ids=ids).logits  # fills the cache, as the prefill does
+        filled = dict(ctx.pooled_cache)
+        assert len(filled) == len(model.adapter_layers)
+        selected = []
+        for layer in model.adapter_layers.values():
+            real = layer.routed_factors
+            monkeypatch.setattr(layer, "routed_factors", lambda *a, real=real, **k: selected.append(1) or real(*a, **k))
+        compiled = torch.compile(model.base_model, backend="aot_eager")(input_ids=ids).logits
+        assert not selected and ctx.pooled_cache.keys() == filled.keys()
+        torch.testing.assert_close(compiled, eager)
+        ctx.pooled_cache.clear()  # a step compiled before any prefill selects in-graph, caches nothing
+        torch._dynamo.reset()
+        again = torch.compile(model.base_model, backend="aot_eager")(input_ids=ids).logits
+        assert selected and not ctx.pooled_cache
+        torch.testing.assert_close(again, eager)
