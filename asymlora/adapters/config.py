@@ -89,7 +89,8 @@ class AdapterConfig:
     adapter. base_model_name_or_path: what the adapter was trained on (as in PEFT). fast_path: use the fused kernels where they apply (False forces the reference).
     compute_dtype: "input" runs the adapter matmuls in the input's dtype (bf16 under a bf16 base,
     as torch.autocast and the HF Trainer's bf16 mode do) with float32 parameters, so the optimizer
-    state stays float32; "float32" upcasts the input instead (PEFT's default, slower).
+    state stays float32; "float32" upcasts the input instead (PEFT's default, slower). Gate logits
+    follow it; the gate's softmax is float32 either way.
     """
 
     method: ClassVar[str] = ""

@@ -204,7 +204,7 @@ def expert_weights(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Modul
         mask = mask.new_ones(batch, 1)
     else:
         router_input = x
-    logits = router(router_input.to(router.weight.dtype))
+    logits = router_logits(router, router_input, getattr(config, "compute_dtype", "float32"))
     probs = soft_gate(logits)
 
     if config.routing == "task_supervised":
@@ -228,6 +228,17 @@ def expert_weights(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Modul
     if ctx is not None:
         record_routing(ctx, key, probs, weights, mask)
     return weights
+
+
+def router_logits(router: torch.nn.Module, x: Tensor, compute_dtype: str) -> Tensor:
+    """The gate's logits. With ``compute_dtype="input"`` the GEMM runs in the input's dtype, as the
+    adapter's own matmuls and as autocast runs it (a float32 copy of every activation, and its
+    gradient, is what made the token gate cost more than the adapter under a bf16 base); the
+    softmax is float32 either way (:func:`soft_gate`)."""
+    if compute_dtype == "input" and x.is_floating_point() and x.dtype != router.weight.dtype:
+        bias = None if router.bias is None else router.bias.to(x.dtype)
+        return F.linear(x, router.weight.to(x.dtype), bias)
+    return router(x.to(router.weight.dtype))
 
 
 def hard_route(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Module | None, config, key: str) -> Tensor | None:
