@@ -47,6 +47,9 @@ class AsymLoraLinear(AdapterLayer):
         index = hard_route(x, ctx, self.router, self.config, self.name)
         return None if index is None else (self.shared_a, self.expert_b, None, index)
 
+    def gated_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple:
+        return self.shared_a, self.expert_b, expert_weights(x, ctx, self.router, self.config, self.name)
+
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)
         index = hard_task_index(ctx, self.config, x.shape[0])

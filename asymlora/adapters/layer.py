@@ -49,9 +49,14 @@ class AdapterLayer(nn.Module):
             if factors is not None:  # already scaled
                 return self._fused(x, factors, 1.0, None)
             factors = self.routed_factors(x, routing)
+            gate = None
+            if factors is None:
+                gated = self.gated_factors(x, routing)
+                if gated is not None:
+                    factors, gate = (gated[0], gated[1], None, None), gated[2]
             if factors is not None:
                 x_adapter = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training else None
-                return self._fused(x, factors, self.scaling, x_adapter)
+                return self._fused(x, factors, self.scaling, x_adapter, gate)
         result = self.base_layer(x)
         return result + self.delta(x, routing).to(result.dtype)
 
@@ -70,7 +75,8 @@ class AdapterLayer(nn.Module):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    def _fused(self, x: Tensor, factors: tuple, scaling: float, x_adapter: Tensor | None) -> Tensor:
+    def _fused(self, x: Tensor, factors: tuple, scaling: float, x_adapter: Tensor | None,
+               gate: Tensor | None = None) -> Tensor:
         a, b, a_index, b_index = factors
         weight, bias = self.base_layer.weight, self.base_layer.bias
         device = x.device.type
@@ -82,8 +88,8 @@ class AdapterLayer(nn.Module):
             bias = None if bias is None else bias.to(dtype)
             x_adapter = None if x_adapter is None else x_adapter.to(dtype)
             with torch.autocast(device, enabled=False):
-                return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index)
-        return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index)
+                return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index, gate)
+        return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index, gate)
 
     def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
@@ -113,6 +119,12 @@ class AdapterLayer(nn.Module):
         """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,
         b_index)`` as :func:`asymlora.kernels.lowrank_linear` takes them (parameter tables and each
         sample's indices into them), routing's losses and statistics recorded. None otherwise."""
+        return None
+
+    def gated_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
+        """For a gate that mixes experts (soft, top-k): ``(a, b, gate)`` as
+        :func:`asymlora.kernels.lowrank_linear` takes them (gate ``(batch, seq or 1, N)``), the
+        gate's losses and statistics recorded. None when the layer has no such form."""
         return None
 
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:

@@ -43,6 +43,9 @@ class LoraMoeLinear(AdapterLayer):
         index = hard_route(x, ctx, self.router, self.config, self.name)
         return None if index is None else (self.expert_a, self.expert_b, index, index)
 
+    def gated_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple:
+        return self.expert_a, self.expert_b, expert_weights(x, ctx, self.router, self.config, self.name)
+
     def delta(self, x: Tensor, ctx: RoutingContext | None) -> Tensor:
         weights = expert_weights(x, ctx, self.router, self.config, self.name)
         index = hard_task_index(ctx, self.config, x.shape[0])

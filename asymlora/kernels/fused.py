@@ -109,12 +109,34 @@ def routed_matrices(a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tenso
     return _factor(a, a_index, dtype), _factor(b, b_index, dtype, rows_transposed=_b_rows(b_index))
 
 
+def _gated_factors(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The gated form's factors in ``dtype``: every A row stacked ``(R, d_in)`` (R = r for a shared
+    A, N·r for one A per expert) and the N B's side by side ``(d_out, N·r)``, one copy kernel each."""
+    n, d_out, r = b.shape
+    b_cat = torch.empty(d_out, n, r, dtype=dtype, device=b.device)
+    b_cat.copy_(b.permute(1, 0, 2))
+    return a.reshape(-1, a.shape[-1]).to(dtype), b_cat.view(d_out, n * r)
+
+
+def _gate_expand(h: Tensor, gate: Tensor, r: int) -> Tensor:
+    """``v[..., i·r + j] = g_i · h[..., j]`` (shared A: h is ``(.., r)``) or ``g_i · h[..., i·r + j]``
+    (an A per expert: h is ``(.., N·r)``): the gated activation the N B's read side by side."""
+    return (gate.unsqueeze(-1) * h.view(*h.shape[:-1], -1, r)).flatten(-2)
+
+
 def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, a_index: Tensor | None,
-             b: Tensor, b_index: Tensor | None, scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The output, and what the backward needs: h = s · x_a Aᵀ, the selected A and B."""
-    a_m, b_m = routed_matrices(a, b, a_index, b_index, x.dtype)
-    h = _times(x if x_a is None else x_a, a_m, transpose=True, alpha=scaling)  # (batch, seq, r)
-    out = _times(h, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
+             b: Tensor, b_index: Tensor | None, scaling: float,
+             gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The output, and what the backward needs: h = s · x_a Aᵀ, the selected (or stacked) A and B."""
+    src = x if x_a is None else x_a
+    if gate is None:
+        a_m, b_m = routed_matrices(a, b, a_index, b_index, x.dtype)
+        h = _times(src, a_m, transpose=True, alpha=scaling)  # (batch, seq, r)
+        out = _times(h, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
+    else:
+        a_m, b_m = _gated_factors(a, b, x.dtype)
+        h = _times(src, a_m, transpose=True, alpha=scaling)  # (batch, seq, R)
+        out = _times(_gate_expand(h, gate.to(x.dtype), b.shape[-1]), b_m, transpose=True)
     flat = out.view(-1, out.shape[-1])
     if bias is not None:
         flat.add_(bias)
@@ -122,21 +144,46 @@ def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None,
     return out, h, a_m, b_m
 
 
+def _gated_grads(grad: Tensor, src: Tensor, a: Tensor, b: Tensor, gate: Tensor, a_m: Tensor, b_m: Tensor, h: Tensor,
+                 scaling: float, need_a: bool, need_b: bool, need_gate: bool) -> tuple:
+    """The gated form's dL/d(x_a Aᵀ) and the gradients of (a, b, gate)."""
+    n, d_out, r = b.shape
+    g = gate.to(grad.dtype)
+    gv = _times(grad, b_m, transpose=False).view(*grad.shape[:-1], n, r)  # dL/dv, (batch, seq, N, r)
+    hv = h.view(*h.shape[:-1], -1, r)
+    grad_gate = grad_b = grad_a = None
+    if need_gate:  # v = g ⊗ h: dL/dg_i = Σ_j dL/dv_ij h_j, summed over what the gate broadcasts over
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        grad_gate = (gv.to(acc) * hv.to(acc)).sum(-1).sum_to_size(gate.shape).to(gate.dtype)
+    gh = gv * (g * scaling).unsqueeze(-1)  # dL/d(x_a Aᵀ) per expert block
+    gh = gh.sum(-2) if hv.shape[-2] == 1 else gh.flatten(-2)  # (batch, seq, R)
+    if need_b:
+        v = _gate_expand(h, g, r)
+        grad_b = _outer(grad, v, False, b.dtype).view(d_out, n, r).permute(1, 0, 2).contiguous()
+    if need_a:
+        grad_a = _outer(gh, src, False, a.dtype).view(a.shape)
+    return gh, grad_a, grad_b, grad_gate
+
+
 def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Tensor, a_index: Tensor | None, b: Tensor,
-              b_index: Tensor | None, a_m: Tensor, b_m: Tensor, h: Tensor, scaling: float,
+              b_index: Tensor | None, gate: Tensor | None, a_m: Tensor, b_m: Tensor, h: Tensor, scaling: float,
               needs: list[bool]) -> list[Tensor | None]:
-    """Gradients of (x, x_a, weight, bias, a, b); None where ``needs`` is False."""
-    need_x, need_xa, need_w, need_bias, need_a, need_b = needs
+    """Gradients of (x, x_a, weight, bias, a, b, gate); None where ``needs`` is False."""
+    need_x, need_xa, need_w, need_bias, need_a, need_b, need_gate = needs
     grad = grad.contiguous()
     flat = grad.view(-1, grad.shape[-1])
     src = x if x_a is None else x_a
-    gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
-    grads: list[Tensor | None] = [None] * 6
-    if need_b:
-        g_b = _outer(grad, h, b_m.dim() == 3, _grad_dtype(b, b_index))
-        grads[5] = _factor_grad_to_table(g_b, b, b_index, _b_rows(b_index))
-    if need_a:
-        grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3, _grad_dtype(a, a_index)), a, a_index)
+    grads: list[Tensor | None] = [None] * 7
+    if gate is None:
+        gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
+        if need_b:
+            g_b = _outer(grad, h, b_m.dim() == 3, _grad_dtype(b, b_index))
+            grads[5] = _factor_grad_to_table(g_b, b, b_index, _b_rows(b_index))
+        if need_a:
+            grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3, _grad_dtype(a, a_index)), a, a_index)
+    else:
+        gh, grads[4], grads[5], grads[6] = _gated_grads(grad, src, a, b, gate, a_m, b_m, h, scaling,
+                                                        need_a, need_b, need_gate)
     if x_a is None:
         if need_x:
             grad_x = _times(gh, a_m, transpose=False)  # written once ...
@@ -155,20 +202,20 @@ def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Te
 
 
 def _needs(ctx) -> list[bool]:
-    """Which of (x, x_a, weight, bias, a, b) need a gradient (inputs 5, 7, 8 are indices / scaling)."""
-    return [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+    """Which of (x, x_a, weight, bias, a, b, gate) need a gradient (inputs 5, 7, 8 are indices / scaling)."""
+    return [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6, 9)]
 
 
 def _input_grads(grads: list[Tensor | None]) -> tuple:
-    """_backward's six gradients in the order of the inputs (x, x_a, weight, bias, a, a_index, b, b_index, scaling)."""
-    return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None
+    """_backward's gradients in the order of the inputs (x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)."""
+    return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None, grads[6]
 
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_a, weight, bias, a, a_index, b, b_index, scaling):
-        out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)
-        ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h)
+    def forward(ctx, x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate):
+        out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)
+        ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h)
         ctx.scaling = scaling
         return out
 
@@ -184,8 +231,12 @@ def _b_to_save(b_m: Tensor, b_index: Tensor | None) -> Tensor:
     return b_m.transpose(1, 2) if _b_rows(b_index) else b_m
 
 
-def _selected_shapes(a: Tensor, a_index: Tensor | None, b: Tensor, b_index: Tensor | None):
+def _selected_shapes(a: Tensor, a_index: Tensor | None, b: Tensor, b_index: Tensor | None,
+                     gate: Tensor | None) -> tuple[tuple, tuple]:
     """Shapes of the selected (A, B-to-save) for the fake kernels."""
+    if gate is not None:
+        return (a.numel() // a.shape[-1], a.shape[-1]), (b.shape[1], b.shape[0] * b.shape[2])
+
     def shape(table, index):
         if index is None:
             return tuple(table.shape)
@@ -198,64 +249,70 @@ def _selected_shapes(a: Tensor, a_index: Tensor | None, b: Tensor, b_index: Tens
 @torch.library.custom_op("asymlora::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
                        a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
-                       scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       scaling: float, gate: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The training forward: the output, h and the selected factors, kept for the backward op (so
     it does not select and cast them again)."""
-    out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)
+    out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)
     b_m = _b_to_save(b_m, b_index)
-    # An op's outputs may not alias its inputs: a factor already in x's dtype is the table itself.
-    return out, h, a_m.clone() if a_m is a else a_m, b_m.clone() if b_m is b else b_m
+    return out, h, _not_aliasing(a_m, a), _not_aliasing(b_m, b)
+
+
+def _not_aliasing(t: Tensor, source: Tensor) -> Tensor:
+    """An op's outputs may not alias its inputs: a factor already in x's dtype is the table itself
+    (or a view of it), so it is copied (only then)."""
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 @_lowrank_linear_op.register_fake
-def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling):
-    r = a.shape[-2] if a_index is None or a_index.dim() == 1 else a_index.shape[-1]
-    a_shape, b_shape = _selected_shapes(a, a_index, b, b_index)
-    return (x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], r),
+def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate):
+    a_shape, b_shape = _selected_shapes(a, a_index, b, b_index, gate)
+    return (x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], a_shape[-2]),
             x.new_empty(a_shape), x.new_empty(b_shape))
 
 
 @torch.library.custom_op("asymlora::lowrank_linear_inference", mutates_args=())
 def _lowrank_linear_inference_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
                                  a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
-                                 scaling: float) -> Tensor:
+                                 scaling: float, gate: Optional[Tensor]) -> Tensor:
     """The forward alone (no gradient wanted): nothing is kept."""
-    return _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling)[0]
+    return _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)[0]
 
 
 @_lowrank_linear_inference_op.register_fake
-def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling):
+def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("asymlora::lowrank_linear_backward", mutates_args=())
 def _lowrank_linear_backward_op(grad: Tensor, x: Tensor, x_a: Optional[Tensor], weight: Tensor, a: Tensor,
-                                a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor], a_m: Tensor,
-                                b_m: Tensor, h: Tensor, scaling: float, needs: list[bool]) -> list[Tensor]:
-    """Gradients of (x, x_a, weight, bias, a, b), an empty tensor where not needed (ops return tensors)."""
+                                a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
+                                gate: Optional[Tensor], a_m: Tensor, b_m: Tensor, h: Tensor, scaling: float,
+                                needs: list[bool]) -> list[Tensor]:
+    """Gradients of (x, x_a, weight, bias, a, b, gate), an empty tensor where not needed."""
     b_m = _b_to_save(b_m, b_index)  # back to (batch, d_out, r) for rows
-    grads = _backward(grad, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h, scaling, needs)
+    grads = _backward(grad, x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h, scaling, needs)
     return [grad.new_empty(0) if g is None else g for g in grads]
 
 
 @_lowrank_linear_backward_op.register_fake
-def _(grad, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h, scaling, needs):
-    like = [x, x if x_a is None else x_a, weight, weight[:, 0], a, b]
-    return [t.new_empty(t.shape) if need and (i != 1 or x_a is not None) else grad.new_empty(0)
-            for i, (t, need) in enumerate(zip(like, needs))]
+def _(grad, x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h, scaling, needs):
+    like = [x, x if x_a is None else x_a, weight, weight[:, 0], a, b, a if gate is None else gate]
+    present = [True, x_a is not None, True, True, True, True, gate is not None]
+    return [t.new_empty(t.shape) if need and ok else grad.new_empty(0)
+            for t, need, ok in zip(like, needs, present)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_a, weight, bias, a, a_index, b, b_index, scaling = inputs
+    x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate = inputs
     _, h, a_m, b_m = output
-    ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h)
+    ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h)
     ctx.scaling = scaling
 
 
 def _op_backward(ctx, grad_out, grad_h, grad_a_m, grad_b_m):
-    x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h = ctx.saved_tensors
+    x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h = ctx.saved_tensors
     needs = _needs(ctx)
-    grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, a_m, b_m, h,
+    grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h,
                                         ctx.scaling, needs)
     return _input_grads([g if need else None for g, need in zip(grads, needs)])
 
@@ -265,7 +322,7 @@ _lowrank_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
                    x_adapter: Tensor | None = None, a_index: Tensor | None = None,
-                   b_index: Tensor | None = None) -> Tensor:
+                   b_index: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
     """``x Wᵀ + bias + s · (x_adapter A_bᵀ) B_bᵀ`` for ``x: (batch, seq, d_in)``, per sample b.
 
     Without an index, a is ``(r, d_in)`` (shared) or ``(batch, r, d_in)`` and b ``(d_out, r)`` or
@@ -274,24 +331,39 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b:
     table of rows ``(E, d_in)`` and sample b's A stacks rows ``a_index[b]`` (b: rows ``(E, d_out)``
     and ``b_index: (batch, r)`` make B's columns). Factors may be float32: they are cast to x's
     dtype inside and their gradients come back in their own dtype.
+
+    With ``gate: (batch, seq or 1, N)`` (a soft or top-k gate, per token or per instance) the
+    update is gated instead, ``s · Σ_i g_i (x_adapter A_iᵀ) B_iᵀ``, with b ``(N, d_out, r)`` and a
+    ``(r, d_in)`` (AsymLoRA's shared A) or ``(N, r, d_in)`` (LoRA-MoE); no indices. The gate gets its
+    gradient.
     """
     scaling = float(scaling)
+    if gate is not None and (a_index is not None or b_index is not None or b.dim() != 3):
+        raise ValueError("a gated update takes the expert tables (b: (N, d_out, r)) and no indices")
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, x_adapter, weight, bias, a, b))
+        t is not None and t.requires_grad for t in (x, x_adapter, weight, bias, a, b, gate))
+    args = (x, x_adapter, weight, bias, a, a_index, b, b_index, scaling, gate)
     if torch.compiler.is_compiling():
         if not wants_grad:
-            return _lowrank_linear_inference_op(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)
-        return _lowrank_linear_op(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
+            return _lowrank_linear_inference_op(*args)
+        return _lowrank_linear_op(*args)[0]
     if not wants_grad:  # inference: nothing to save
-        return _forward(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)[0]
-    return _LowRankLinear.apply(x, x_adapter, weight, bias, a, a_index, b, b_index, scaling)
+        return _forward(*args)[0]
+    return _LowRankLinear.apply(*args)
 
 
 def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
                              x_adapter: Tensor | None = None, a_index: Tensor | None = None,
-                             b_index: Tensor | None = None) -> Tensor:
-    """The same in plain autograd ops, one sample at a time (what the tests compare against)."""
+                             b_index: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
+    """The same in plain autograd ops, one sample (and, gated, one expert) at a time (what the
+    tests compare against)."""
     src = x if x_adapter is None else x_adapter
+    if gate is not None:
+        out = torch.nn.functional.linear(x, weight, bias)
+        for i in range(b.shape[0]):
+            a_i = (a if a.dim() == 2 else a[i]).to(x.dtype)
+            out = out + scaling * gate[..., i:i + 1].to(x.dtype) * ((src @ a_i.T) @ b[i].to(x.dtype).T)
+        return out
     rows = []
     for i in range(x.shape[0]):
         a_i = a if a_index is None and a.dim() == 2 else a[i] if a_index is None else a[a_index[i]]

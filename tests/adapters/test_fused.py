@@ -56,6 +56,59 @@ def test_op_matches_plain_autograd_forward_and_every_gradient(mode_a, mode_b, ex
         torch.testing.assert_close(fused, plain, **tol)
 
 
+@pytest.mark.parametrize("a_form,gate_form,extra", [(fa, fg, e) for fa in ("shared", "per_expert")
+                                                     for fg in ("token", "instance") for e in (False, True)])
+def test_gated_op_matches_plain_autograd_forward_and_every_gradient(a_form, gate_form, extra):
+    """The gated form (soft / top-k gates): AsymLoRA's shared A or LoRA-MoE's A per expert, a gate
+    per token or per instance; the gate's gradient too. ``extra`` as above (dropout input, bias,
+    trainable weight, float32 factors and gate under float64 input)."""
+    g = torch.Generator().manual_seed(7 + 2 * (a_form == "shared") + 4 * (gate_form == "token") + 8 * extra)
+    batch, seq, d_in, d_out, r, n = 3, 5, 7, 6, 2, 3
+    f64, fdt = torch.float64, torch.float32 if extra else torch.float64
+    x = torch.randn(batch, seq, d_in, generator=g, dtype=f64, requires_grad=True)
+    x_a = torch.randn(batch, seq, d_in, generator=g, dtype=f64, requires_grad=True) if extra else None
+    weight = torch.randn(d_out, d_in, generator=g, dtype=f64, requires_grad=extra)
+    bias = torch.randn(d_out, generator=g, dtype=f64, requires_grad=True) if extra else None
+    a_shape = (r, d_in) if a_form == "shared" else (n, r, d_in)
+    a = torch.randn(*a_shape, generator=g, dtype=fdt, requires_grad=True)
+    b = torch.randn(n, d_out, r, generator=g, dtype=fdt, requires_grad=True)
+    gate = torch.softmax(torch.randn(batch, seq if gate_form == "token" else 1, n, generator=g, dtype=fdt), -1)
+    gate.requires_grad_(True)
+    leaves = [t for t in (x, x_a, weight, bias, a, b, gate) if t is not None and t.requires_grad]
+    upstream = torch.randn(batch, seq, d_out, generator=g, dtype=f64)
+    results = []
+    for fn in (lowrank_linear, lowrank_linear_reference):
+        y = fn(x, weight, bias, a, b, 1.5, x_adapter=x_a, gate=gate)
+        results.append((y, torch.autograd.grad((y * upstream).sum(), leaves)))
+    tol = dict(rtol=1e-5, atol=1e-5) if extra else {}
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    for fused, plain, leaf in zip(results[0][1], results[1][1], leaves):
+        assert fused.dtype == leaf.dtype
+        torch.testing.assert_close(fused, plain, **tol)
+
+
+def test_gated_op_under_compile_equals_eager_and_passes_opcheck():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    weight = torch.randn(5, 8, generator=g)
+    a = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    b = torch.randn(3, 5, 4, generator=g, requires_grad=True)
+    gate = torch.softmax(torch.randn(2, 3, 3, generator=g), -1).requires_grad_(True)
+
+    def fn(x, a, b, gate):
+        return lowrank_linear(x, weight, None, a, b, 2.0, gate=gate)
+
+    runs = []
+    for f in (torch.compile(fn, backend="aot_eager", fullgraph=True), fn):
+        y = f(x, a, b, gate)
+        runs.append((y, *torch.autograd.grad(y.square().sum(), (x, a, b, gate))))
+    for c, e in zip(*runs):
+        torch.testing.assert_close(c, e)
+    torch.library.opcheck(torch.ops.asymlora.lowrank_linear.default, (x, None, weight, None, a[0], None, b, None, 2.0, gate))
+    with pytest.raises(ValueError, match="no indices"):
+        lowrank_linear(x, weight, None, a, b, 2.0, b_index=torch.tensor([0, 1]), gate=gate)
+
+
 @pytest.mark.parametrize("form", ["task_table", "rows"])
 def test_op_under_compile_equals_eager_and_passes_opcheck(form):
     """Compiled, the op is the torch.library ops (forward keeping the selected factors, backward,
@@ -86,9 +139,9 @@ def test_op_under_compile_equals_eager_and_passes_opcheck(form):
     for op, grad in ((torch.ops.asymlora.lowrank_linear.default, True),
                      (torch.ops.asymlora.lowrank_linear_inference.default, False)):  # (no autograd formula)
         xg, ag, tg = (x, a, table) if grad else (x.detach(), a.detach(), table.detach())
-        torch.library.opcheck(op, (xg, None, weight, None, ag, a_index, tg, index, 2.0))
+        torch.library.opcheck(op, (xg, None, weight, None, ag, a_index, tg, index, 2.0, None))
         if form == "task_table":
-            torch.library.opcheck(op, (xg, x.detach() * 0.5, weight, torch.randn(5), ag, None, tg[0], None, 1.0))
+            torch.library.opcheck(op, (xg, x.detach() * 0.5, weight, torch.randn(5), ag, None, tg[0], None, 1.0, None))
 
 
 @pytest.mark.parametrize("config,fused", [
@@ -96,7 +149,8 @@ def test_op_under_compile_equals_eager_and_passes_opcheck(form):
     (AsymLoraConfig(r=4, lora_alpha=8, routing="task_supervised"), True),
     (LoraMoeConfig(r=4, lora_alpha=8, routing="task"), True),
     (MixLoraConfig(r=2, num_factors=6, lora_alpha=12), True),
-    (AsymLoraConfig(r=4, lora_alpha=8, routing="soft"), False),
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="soft"), True),
+    (LoraMoeConfig(r=4, lora_alpha=8, routing="topk", top_k=2, granularity="instance"), True),
     (AsymLoraConfig(r=4, lora_alpha=8, routing="task", compute_dtype="float32"), False),
     (AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=False), False),
 ])
@@ -122,9 +176,12 @@ def _randomize(model, seed):
     lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", lora_dropout=0.2, fast_path=fast),
     lambda fast: LoraMoeConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
     lambda fast: MixLoraConfig(r=2, num_factors=6, lora_alpha=12, factor_weighting="softmax", fast_path=fast),
-], ids=["asym-dropout", "moe", "mix-softmax"])
+    lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="soft", lora_dropout=0.2, fast_path=fast),
+    lambda fast: LoraMoeConfig(r=4, lora_alpha=8, routing="topk", top_k=2, granularity="instance", fast_path=fast),
+], ids=["asym-dropout", "moe", "mix-softmax", "asym-soft-dropout", "moe-topk-instance"])
 def test_model_with_fused_layers_equals_the_reference_path(make):
-    """Logits and every trainable gradient, in training mode (dropout drawn from the same seed)."""
+    """Logits and every trainable gradient (the routers' too, through the gate and the load-balancing
+    loss), in training mode (dropout drawn from the same seed)."""
     ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(1)), torch.tensor([2, 0, 1])
     runs = []
     for fast in (True, False):

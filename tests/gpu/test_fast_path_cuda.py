@@ -92,3 +92,35 @@ def test_fused_lowrank_linear_matches_reference_bf16(shared_a, trial):
     assert rel(results["fast"][0], y64) < max(1e-2, 2 * rel(results["ref"][0], y64))
     for gf, gr, gt in zip(results["fast"][1], results["ref"][1], g64):
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
+
+
+@pytest.mark.parametrize("form", ["task_index", "gated_shared", "gated_per_expert"])
+def test_fused_op_with_float32_tables_matches_reference(form):
+    """As the layers call it: float32 parameter tables under a bf16 input (selected and cast inside,
+    float32 gradients straight out of the GEMMs), task routing by index or a soft token gate."""
+    b, t, d_in, d_out, r, n = 4, 256, 2048, 5632, 32, 3
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = fresh(b, t, d_in)
+    weight = (torch.randn(d_out, d_in, device="cuda") * 0.02).to(torch.bfloat16)
+    a_shape = (n, r, d_in) if form == "gated_per_expert" else (r, d_in)
+    a = (torch.randn(*a_shape, device="cuda", generator=g) * 0.02).requires_grad_(True)
+    table = (torch.randn(n, d_out, r, device="cuda", generator=g) * 0.02).requires_grad_(True)
+    kw = {"b_index": torch.tensor([2, 0, 1, 2], device="cuda")}
+    leaves = [x, a, table]
+    if form != "task_index":
+        gate = torch.softmax(torch.randn(b, t, n, device="cuda", generator=g), -1).requires_grad_(True)
+        kw = {"gate": gate}
+        leaves.append(gate)
+    up = torch.randn(b, t, d_out, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for name, fn in (("fast", kernels.lowrank_linear), ("ref", kernels.lowrank_linear_reference)):
+        y = fn(x, weight, None, a, table, 2.0, **kw)
+        results[name] = (y, torch.autograd.grad((y.float() * up.float()).sum(), leaves))
+    d = [v.detach().double().requires_grad_(True) for v in leaves]
+    kw64 = {k: (d[3] if k == "gate" else v) for k, v in kw.items()}
+    y64 = kernels.lowrank_linear_reference(d[0], weight.double(), None, d[1], d[2], 2.0, **kw64)
+    g64 = torch.autograd.grad((y64 * up.double()).sum(), d)
+    assert rel(results["fast"][0], y64) < max(1e-2, 2 * rel(results["ref"][0], y64))
+    for gf, gr, gt, leaf in zip(results["fast"][1], results["ref"][1], g64, leaves):
+        assert gf.dtype == leaf.dtype
+        assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
