@@ -236,8 +236,13 @@ def router_logits(router: torch.nn.Module, x: Tensor, compute_dtype: str) -> Ten
     gradient, is what made the token gate cost more than the adapter under a bf16 base); the
     softmax is float32 either way (:func:`soft_gate`)."""
     if compute_dtype == "input" and x.is_floating_point() and x.dtype != router.weight.dtype:
-        bias = None if router.bias is None else router.bias.to(x.dtype)
-        return F.linear(x, router.weight.to(x.dtype), bias)
+        # N = 3 logits make rows 6 bytes long: cuBLAS then leaves its Hopper kernels for old
+        # alignment-1 ones (three GEMMs a layer cost more than the adapter's). Zero rows pad the
+        # gate to a multiple of 8 outputs; the logits are the first N.
+        n = router.weight.shape[0]
+        weight = F.pad(router.weight.to(x.dtype), (0, 0, 0, -n % 8))
+        logits = F.linear(x, weight)[..., :n]
+        return logits if router.bias is None else logits + router.bias.to(x.dtype)
     return router(x.to(router.weight.dtype))
 
 
