@@ -5,7 +5,8 @@ frozen GEMM (forward and backward).
 
 Every routed method is this op once routing is decided: AsymLoRA with task routing (A shared, B
 the sample's expert), LoRA-MoE (A and B the sample's expert), MixLoRA (A and B the sample's
-selected factors). The op selects each sample's factors from the parameter tables itself and
+selected factors). A soft or top-k gate makes it ``s · Σ_i g_i (x_a A_iᵀ) B_iᵀ`` (the N B's side
+by side, one GEMM; the gate gets its gradient inside). The op selects each sample's factors from the parameter tables itself and
 scatters their gradients back (``index_add_`` in float32), and casts the float32 parameters to
 the input's dtype: a handful of kernels per linear instead of autograd's gather, index_put and
 cast nodes. x_a is the adapter's input (x after LoRA dropout; None when it is x itself).
@@ -18,14 +19,13 @@ once and the frozen GEMM adds it in its epilogue (``addmm_`` with beta = 1, in p
 backward the low-rank input gradient is written once and the frozen GEMM ``G W`` accumulates onto
 it: six passes (x read twice, the update written, G read twice, grad x written once).
 
-Eagerly it is a ``torch.autograd.Function`` (the least host overhead per call); under
-``torch.compile`` both directions are ``torch.library`` custom ops, so the compiler keeps them as
-they are and does not decompose the in-place accumulation. Both run the same two functions.
+It is a ``torch.autograd.Function``. torch.compile traces it: the compiler fuses the selection,
+casts and gradient scatter into a few kernels, and the two in-place accumulations are one small
+``torch.library`` op that mutates its output (``asymlora::accumulate_mm_``), which the compiler
+writes in place (a functional ``addmm`` would copy the update into a fresh buffer first).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -93,7 +93,7 @@ def _outer(left: Tensor, right: Tensor, per_sample: bool, out_dtype: torch.dtype
         left, right = left.reshape(-1, left.shape[-1]).t(), right.reshape(-1, right.shape[-1])
         gemm = torch.mm
     if (out_dtype == torch.float32 and left.dtype in (torch.bfloat16, torch.float16) and left.is_cuda
-            and _GEMM_OUT_DTYPE):
+            and _GEMM_OUT_DTYPE and not torch.compiler.is_compiling()):  # compiled: the cast fuses
         return gemm(left, right, out_dtype=out_dtype)
     return gemm(left, right).to(out_dtype)
 
@@ -107,6 +107,27 @@ def routed_matrices(a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tenso
     """Each sample's ``A`` and ``B`` as :func:`lowrank_linear` selects them, in ``dtype``: A
     ``(r, d_in)`` or ``(batch, r, d_in)``, B ``(d_out, r)`` or ``(batch, d_out, r)``."""
     return _factor(a, a_index, dtype), _factor(b, b_index, dtype, rows_transposed=_b_rows(b_index))
+
+
+@torch.library.custom_op("asymlora::accumulate_mm_", mutates_args=("out",))
+def _accumulate_mm_op(out: Tensor, mat1: Tensor, mat2: Tensor, transpose: bool) -> None:
+    """``out += mat1 @ mat2`` (``mat2ᵀ`` when transpose), in place, over the last dimensions."""
+    out.view(-1, out.shape[-1]).addmm_(mat1.reshape(-1, mat1.shape[-1]), mat2.t() if transpose else mat2)
+
+
+@_accumulate_mm_op.register_fake
+def _(out, mat1, mat2, transpose):
+    return None
+
+
+def _accumulate_mm(out: Tensor, mat1: Tensor, mat2: Tensor, transpose: bool) -> None:
+    """The frozen GEMM adding itself onto what ``out`` holds (beta = 1). Traced by torch.compile it
+    is an op that mutates its output: the compiler writes in place (an ``addmm`` into a fresh
+    buffer would first copy the update there, a whole extra pass) and fuses everything else."""
+    if torch.compiler.is_compiling():
+        _accumulate_mm_op(out, mat1, mat2, transpose)
+    else:
+        out.view(-1, out.shape[-1]).addmm_(mat1.reshape(-1, mat1.shape[-1]), mat2.t() if transpose else mat2)
 
 
 def _gated_factors(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -137,10 +158,9 @@ def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None,
         a_m, b_m = _gated_factors(a, b, x.dtype)
         h = _times(src, a_m, transpose=True, alpha=scaling)  # (batch, seq, R)
         out = _times(_gate_expand(h, gate.to(x.dtype), b.shape[-1]), b_m, transpose=True)
-    flat = out.view(-1, out.shape[-1])
     if bias is not None:
-        flat.add_(bias)
-    flat.addmm_(x.reshape(-1, x.shape[-1]), weight.t())  # the frozen GEMM adds itself onto it
+        out.add_(bias)
+    _accumulate_mm(out, x, weight, transpose=True)  # the frozen GEMM adds itself onto the update
     return out, h, a_m, b_m
 
 
@@ -187,7 +207,7 @@ def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Te
     if x_a is None:
         if need_x:
             grad_x = _times(gh, a_m, transpose=False)  # written once ...
-            grad_x.view(-1, grad_x.shape[-1]).addmm_(flat, weight)  # ... and G W accumulates onto it
+            _accumulate_mm(grad_x, flat, weight, transpose=False)  # ... and G W accumulates onto it
             grads[0] = grad_x
     else:
         if need_x:
@@ -224,102 +244,6 @@ class _LowRankLinear(torch.autograd.Function):
         return _input_grads(_backward(grad, *ctx.saved_tensors, ctx.scaling, _needs(ctx)))
 
 
-# ---------------------------------------------------------------- the same, as ops for torch.compile
-def _b_to_save(b_m: Tensor, b_index: Tensor | None) -> Tensor:
-    """B as the op returns it for the backward: MixLoRA's selected rows ``(batch, r, d_out)``
-    untransposed (a custom op's outputs are dense, as its fake kernel says)."""
-    return b_m.transpose(1, 2) if _b_rows(b_index) else b_m
-
-
-def _selected_shapes(a: Tensor, a_index: Tensor | None, b: Tensor, b_index: Tensor | None,
-                     gate: Tensor | None) -> tuple[tuple, tuple]:
-    """Shapes of the selected (A, B-to-save) for the fake kernels."""
-    if gate is not None:
-        return (a.numel() // a.shape[-1], a.shape[-1]), (b.shape[1], b.shape[0] * b.shape[2])
-
-    def shape(table, index):
-        if index is None:
-            return tuple(table.shape)
-        if index.dim() == 1:
-            return (index.shape[0], *table.shape[1:])
-        return (*index.shape, table.shape[-1])
-    return shape(a, a_index), shape(b, b_index)
-
-
-@torch.library.custom_op("asymlora::lowrank_linear", mutates_args=())
-def _lowrank_linear_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
-                       a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
-                       scaling: float, gate: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The training forward: the output, h and the selected factors, kept for the backward op (so
-    it does not select and cast them again)."""
-    out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)
-    b_m = _b_to_save(b_m, b_index)
-    return out, h, _not_aliasing(a_m, a), _not_aliasing(b_m, b)
-
-
-def _not_aliasing(t: Tensor, source: Tensor) -> Tensor:
-    """An op's outputs may not alias its inputs: a factor already in x's dtype is the table itself
-    (or a view of it), so it is copied (only then)."""
-    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
-
-
-@_lowrank_linear_op.register_fake
-def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate):
-    a_shape, b_shape = _selected_shapes(a, a_index, b, b_index, gate)
-    return (x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(*x.shape[:-1], a_shape[-2]),
-            x.new_empty(a_shape), x.new_empty(b_shape))
-
-
-@torch.library.custom_op("asymlora::lowrank_linear_inference", mutates_args=())
-def _lowrank_linear_inference_op(x: Tensor, x_a: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], a: Tensor,
-                                 a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
-                                 scaling: float, gate: Optional[Tensor]) -> Tensor:
-    """The forward alone (no gradient wanted): nothing is kept."""
-    return _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)[0]
-
-
-@_lowrank_linear_inference_op.register_fake
-def _(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("asymlora::lowrank_linear_backward", mutates_args=())
-def _lowrank_linear_backward_op(grad: Tensor, x: Tensor, x_a: Optional[Tensor], weight: Tensor, a: Tensor,
-                                a_index: Optional[Tensor], b: Tensor, b_index: Optional[Tensor],
-                                gate: Optional[Tensor], a_m: Tensor, b_m: Tensor, h: Tensor, scaling: float,
-                                needs: list[bool]) -> list[Tensor]:
-    """Gradients of (x, x_a, weight, bias, a, b, gate), an empty tensor where not needed."""
-    b_m = _b_to_save(b_m, b_index)  # back to (batch, d_out, r) for rows
-    grads = _backward(grad, x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h, scaling, needs)
-    return [grad.new_empty(0) if g is None else g for g in grads]
-
-
-@_lowrank_linear_backward_op.register_fake
-def _(grad, x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h, scaling, needs):
-    like = [x, x if x_a is None else x_a, weight, weight[:, 0], a, b, a if gate is None else gate]
-    present = [True, x_a is not None, True, True, True, True, gate is not None]
-    return [t.new_empty(t.shape) if need and ok else grad.new_empty(0)
-            for t, need, ok in zip(like, needs, present)]
-
-
-def _setup_context(ctx, inputs, output):
-    x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate = inputs
-    _, h, a_m, b_m = output
-    ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h)
-    ctx.scaling = scaling
-
-
-def _op_backward(ctx, grad_out, grad_h, grad_a_m, grad_b_m):
-    x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h = ctx.saved_tensors
-    needs = _needs(ctx)
-    grads = _lowrank_linear_backward_op(grad_out, x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h,
-                                        ctx.scaling, needs)
-    return _input_grads([g if need else None for g, need in zip(grads, needs)])
-
-
-_lowrank_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
                    x_adapter: Tensor | None = None, a_index: Tensor | None = None,
                    b_index: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
@@ -343,10 +267,6 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b:
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, x_adapter, weight, bias, a, b, gate))
     args = (x, x_adapter, weight, bias, a, a_index, b, b_index, scaling, gate)
-    if torch.compiler.is_compiling():
-        if not wants_grad:
-            return _lowrank_linear_inference_op(*args)
-        return _lowrank_linear_op(*args)[0]
     if not wants_grad:  # inference: nothing to save
         return _forward(*args)[0]
     return _LowRankLinear.apply(*args)
