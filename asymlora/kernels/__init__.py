@@ -1,10 +1,11 @@
 """Delta computations of the adapter layers: a plain reference and a fast path for each.
 
 Layers call :func:`asym_lora_delta`, :func:`lora_moe_delta` or :func:`mix_lora_delta`; the
-``fast`` flag (``config.fast_path``) picks the implementation here and nowhere else. When routing
-reduces a layer to one low-rank update per sample (task routing, MixLoRA's selection), the fast
-path is :func:`lowrank_linear`: the frozen linear and the update as one op (fused.py). Every fast
-path is tested against its reference (forward and gradients) on fresh random inputs.
+``fast`` flag (``config.fast_path``) picks the implementation here and nowhere else. Where a layer
+can run as the frozen linear plus one update (task routing, MixLoRA's selection, a soft or top-k
+gate over the experts), the fast path is :func:`lowrank_linear`: both as one op (fused.py); the
+delta functions here serve the rest (float32 adapter math, inputs that are not (batch, seq, d)).
+Every fast path is tested against its reference (forward and gradients) on fresh random inputs.
 """
 
 from .fused import lowrank_linear, lowrank_linear_reference, routed_matrices
