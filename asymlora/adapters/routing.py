@@ -231,19 +231,19 @@ def expert_weights(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Modul
 
 
 def router_logits(router: torch.nn.Module, x: Tensor, compute_dtype: str) -> Tensor:
-    """The gate's logits. With ``compute_dtype="input"`` the GEMM runs in the input's dtype, as the
-    adapter's own matmuls and as autocast runs it (a float32 copy of every activation, and its
-    gradient, is what made the token gate cost more than the adapter under a bf16 base); the
-    softmax is float32 either way (:func:`soft_gate`)."""
-    if compute_dtype == "input" and x.is_floating_point() and x.dtype != router.weight.dtype:
-        # N = 3 logits make rows 6 bytes long: cuBLAS then leaves its Hopper kernels for old
-        # alignment-1 ones (three GEMMs a layer cost more than the adapter's). Zero rows pad the
-        # gate to a multiple of 8 outputs; the logits are the first N.
-        n = router.weight.shape[0]
-        weight = F.pad(router.weight.to(x.dtype), (0, 0, 0, -n % 8))
-        logits = F.linear(x, weight)[..., :n]
-        return logits if router.bias is None else logits + router.bias.to(x.dtype)
-    return router(x.to(router.weight.dtype))
+    """The gate's logits. With ``compute_dtype="input"`` the GEMM runs in the input's dtype (or
+    autocast's), as the adapter's own matmuls do: a float32 copy of every activation, and of its
+    gradient, is what made the token gate cost more than the adapter under a bf16 base. The
+    softmax is float32 either way (:func:`soft_gate`).
+
+    N = 3 logits make rows 6 bytes long in bf16, and cuBLAS then leaves its Hopper kernels for old
+    alignment-1 ones (three GEMMs a layer that cost more than the adapter's); zero rows pad the
+    gate to a multiple of 8 outputs and the logits are the first N."""
+    if compute_dtype != "input" or not x.is_floating_point():
+        return router(x.to(router.weight.dtype))
+    n = router.weight.shape[0]
+    logits = F.linear(x, F.pad(router.weight, (0, 0, 0, -n % 8)).to(x.dtype))[..., :n]
+    return logits if router.bias is None else logits + router.bias.to(logits.dtype)
 
 
 def hard_route(x: Tensor, ctx: RoutingContext | None, router: torch.nn.Module | None, config, key: str) -> Tensor | None:

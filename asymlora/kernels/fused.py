@@ -6,10 +6,10 @@ frozen GEMM (forward and backward).
 Every routed method is this op once routing is decided: AsymLoRA with task routing (A shared, B
 the sample's expert), LoRA-MoE (A and B the sample's expert), MixLoRA (A and B the sample's
 selected factors). A soft or top-k gate makes it ``s · Σ_i g_i (x_a A_iᵀ) B_iᵀ`` (the N B's side
-by side, one GEMM; the gate gets its gradient inside). The op selects each sample's factors from the parameter tables itself and
-scatters their gradients back (``index_add_`` in float32), and casts the float32 parameters to
-the input's dtype: a handful of kernels per linear instead of autograd's gather, index_put and
-cast nodes. x_a is the adapter's input (x after LoRA dropout; None when it is x itself).
+by side, one GEMM; the gate gets its gradient inside). The op selects each sample's factors from
+the parameter tables itself and scatters their gradients back (``index_add_`` in float32), and
+casts the float32 parameters to the input's dtype: a handful of kernels per linear instead of
+autograd's gather, index_put and cast nodes. x_a is the adapter's input (x after LoRA dropout; None when it is x itself).
 
 Why an op of its own: the adapter's cost at these shapes is memory traffic, not FLOPs (a rank-32
 update is ~4 % of the frozen GEMM's FLOPs). Written as ``base(x) + delta(x)``, autograd spends
@@ -109,10 +109,14 @@ def routed_matrices(a: Tensor, b: Tensor, a_index: Tensor | None, b_index: Tenso
     return _factor(a, a_index, dtype), _factor(b, b_index, dtype, rows_transposed=_b_rows(b_index))
 
 
-@torch.library.custom_op("asymlora::accumulate_mm_", mutates_args=("out",))
-def _accumulate_mm_op(out: Tensor, mat1: Tensor, mat2: Tensor, transpose: bool) -> None:
+def _addmm_into(out: Tensor, mat1: Tensor, mat2: Tensor, transpose: bool) -> None:
     """``out += mat1 @ mat2`` (``mat2ᵀ`` when transpose), in place, over the last dimensions."""
     out.view(-1, out.shape[-1]).addmm_(mat1.reshape(-1, mat1.shape[-1]), mat2.t() if transpose else mat2)
+
+
+@torch.library.custom_op("asymlora::accumulate_mm_", mutates_args=("out",))
+def _accumulate_mm_op(out: Tensor, mat1: Tensor, mat2: Tensor, transpose: bool) -> None:
+    _addmm_into(out, mat1, mat2, transpose)
 
 
 @_accumulate_mm_op.register_fake
@@ -124,10 +128,7 @@ def _accumulate_mm(out: Tensor, mat1: Tensor, mat2: Tensor, transpose: bool) -> 
     """The frozen GEMM adding itself onto what ``out`` holds (beta = 1). Traced by torch.compile it
     is an op that mutates its output: the compiler writes in place (an ``addmm`` into a fresh
     buffer would first copy the update there, a whole extra pass) and fuses everything else."""
-    if torch.compiler.is_compiling():
-        _accumulate_mm_op(out, mat1, mat2, transpose)
-    else:
-        out.view(-1, out.shape[-1]).addmm_(mat1.reshape(-1, mat1.shape[-1]), mat2.t() if transpose else mat2)
+    (_accumulate_mm_op if torch.compiler.is_compiling() else _addmm_into)(out, mat1, mat2, transpose)
 
 
 def _gated_factors(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -164,7 +165,7 @@ def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None,
     return out, h, a_m, b_m
 
 
-def _gated_grads(grad: Tensor, src: Tensor, a: Tensor, b: Tensor, gate: Tensor, a_m: Tensor, b_m: Tensor, h: Tensor,
+def _gated_grads(grad: Tensor, src: Tensor, a: Tensor, b: Tensor, gate: Tensor, b_m: Tensor, h: Tensor,
                  scaling: float, need_a: bool, need_b: bool, need_gate: bool) -> tuple:
     """The gated form's dL/d(x_a Aᵀ) and the gradients of (a, b, gate)."""
     n, d_out, r = b.shape
@@ -202,7 +203,7 @@ def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Te
         if need_a:
             grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3, _grad_dtype(a, a_index)), a, a_index)
     else:
-        gh, grads[4], grads[5], grads[6] = _gated_grads(grad, src, a, b, gate, a_m, b_m, h, scaling,
+        gh, grads[4], grads[5], grads[6] = _gated_grads(grad, src, a, b, gate, b_m, h, scaling,
                                                         need_a, need_b, need_gate)
     if x_a is None:
         if need_x:
