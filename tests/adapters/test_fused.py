@@ -43,13 +43,21 @@ def test_op_matches_plain_autograd_forward_and_every_gradient(mode_a, mode_b, ex
         b, b_index = _factor_and_index("rows", g, batch, r, d_out, dtype=factor_dtype)
     else:
         b, b_index = _factor_and_index(mode_b, g, batch, d_out, r, dtype=factor_dtype)  # (.., d_out, r)
-    leaves = [t for t in (x, x_a, weight, bias, a, b) if t is not None and t.requires_grad]
     upstream = torch.randn(batch, seq, d_out, generator=g, dtype=torch.float64)
+    _assert_op_matches_reference(upstream, extra, x, weight, bias, a, b, x_adapter=x_a, a_index=a_index,
+                                 b_index=b_index)
+
+
+def _assert_op_matches_reference(upstream, loose, x, weight, bias, a, b, **kw):
+    """The op against the plain-autograd reference: output and the gradient of every leaf that
+    requires one (in the leaf's own dtype); float32 tolerance where some operand is float32."""
+    leaves = [t for t in (x, kw.get("x_adapter"), weight, bias, a, b, kw.get("gate"))
+              if t is not None and t.requires_grad]
     results = []
     for fn in (lowrank_linear, lowrank_linear_reference):
-        y = fn(x, weight, bias, a, b, 1.5, x_adapter=x_a, a_index=a_index, b_index=b_index)
+        y = fn(x, weight, bias, a, b, 1.5, **kw)
         results.append((y, torch.autograd.grad((y * upstream).sum(), leaves)))
-    tol = dict(rtol=1e-5, atol=1e-5) if extra else {}
+    tol = dict(rtol=1e-5, atol=1e-5) if loose else {}
     torch.testing.assert_close(results[0][0], results[1][0], **tol)
     for fused, plain, leaf in zip(results[0][1], results[1][1], leaves):
         assert fused.dtype == leaf.dtype
@@ -74,17 +82,8 @@ def test_gated_op_matches_plain_autograd_forward_and_every_gradient(a_form, gate
     b = torch.randn(n, d_out, r, generator=g, dtype=fdt, requires_grad=True)
     gate = torch.softmax(torch.randn(batch, seq if gate_form == "token" else 1, n, generator=g, dtype=fdt), -1)
     gate.requires_grad_(True)
-    leaves = [t for t in (x, x_a, weight, bias, a, b, gate) if t is not None and t.requires_grad]
     upstream = torch.randn(batch, seq, d_out, generator=g, dtype=f64)
-    results = []
-    for fn in (lowrank_linear, lowrank_linear_reference):
-        y = fn(x, weight, bias, a, b, 1.5, x_adapter=x_a, gate=gate)
-        results.append((y, torch.autograd.grad((y * upstream).sum(), leaves)))
-    tol = dict(rtol=1e-5, atol=1e-5) if extra else {}
-    torch.testing.assert_close(results[0][0], results[1][0], **tol)
-    for fused, plain, leaf in zip(results[0][1], results[1][1], leaves):
-        assert fused.dtype == leaf.dtype
-        torch.testing.assert_close(fused, plain, **tol)
+    _assert_op_matches_reference(upstream, extra, x, weight, bias, a, b, x_adapter=x_a, gate=gate)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
