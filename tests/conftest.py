@@ -1,11 +1,26 @@
 """Shared fixtures: tiny random models built from configs (no hub, no downloads)."""
 
+import json
 import os
 
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def write_tasks(folder, rows: dict, images) -> dict:
+    """One LLaVA-format JSONL file per task in ``folder`` and the ``data`` section of a run config
+    naming them (equal weights, seed 0, 128 tokens)."""
+    datasets = []
+    for task, records in rows.items():
+        path = folder / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        datasets.append({"task": task, "path": str(path), "image_folder": str(images), "weight": 1.0})
+    return {"datasets": datasets, "seed": 0, "max_length": 128}
 
 
 def tiny_llama(seed: int = 0, vocab: int = 97, hidden: int = 32, layers: int = 2):

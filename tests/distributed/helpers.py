@@ -1,13 +1,13 @@
 """Data for the distributed tests: three tasks (two with images, one text-only) whose every answer
 is one token plus the end of turn, so every sample has the same number of label tokens."""
 
-import json
 from pathlib import Path
 
 import yaml
 from PIL import Image
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+from tests.conftest import COLORS, write_tasks
+
 TASKS = ["color", "yesno", "text"]  # task ids in data order
 TEXT_WORDS = ["cat", "dog", "left", "right", "one", "two"]
 
@@ -26,12 +26,7 @@ def write_data(folder: Path) -> dict:
             {"from": "human", "value": "<image>\nIs the image red?"}, {"from": "gpt", "value": "yes" if i % 3 == 0 else "no"}]})
         rows["text"].append({"id": f"text{i}", "conversations": [
             {"from": "human", "value": f"Say {TEXT_WORDS[i]}."}, {"from": "gpt", "value": TEXT_WORDS[i]}]})
-    datasets = []
-    for task, records in rows.items():
-        path = folder / f"{task}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        datasets.append({"task": task, "path": str(path), "image_folder": str(images), "weight": 1.0})
-    return {"datasets": datasets, "seed": 0, "max_length": 128}
+    return write_tasks(folder, rows, images)
 
 
 def write_config(folder: Path, **train) -> Path:

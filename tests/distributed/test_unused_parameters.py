@@ -61,9 +61,7 @@ def test_every_trainable_parameter_gets_a_gradient(adapter, kind, batches):
     data, prepared = batches
     model = adapted(data, ADAPTERS[adapter])
     guard = UnusedParameterGuard(model)
-    batch = dict(prepared[kind])
-    task_ids = batch.pop("task_ids")
-    model(**batch, task_ids=task_ids).loss.backward()  # the guard's hook touched the loss
+    model(**prepared[kind]).loss.backward()  # the guard's hook touched the loss
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
     guard.remove()
@@ -73,9 +71,7 @@ def test_without_the_guard_a_text_only_batch_leaves_the_projector_without_gradie
     """The case the guard exists for (DDP would fail the next step or hang the other ranks)."""
     data, prepared = batches
     model = adapted(data, ADAPTERS["asymlora-task"])
-    batch = dict(prepared["text"])
-    task_ids = batch.pop("task_ids")
-    model(**batch, task_ids=task_ids).loss.backward()
+    model(**prepared["text"]).loss.backward()
     missing = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
     assert missing == {"multi_modal_projector"}
 
@@ -84,11 +80,10 @@ def test_guard_adds_exact_zeros_and_nothing_when_everything_ran(batches):
     data, prepared = batches
     for kind, expect_touch in (("images", False), ("text", True)):
         model = adapted(data, ADAPTERS["asymlora-task"])
-        batch = dict(prepared[kind])
-        task_ids = batch.pop("task_ids")
-        plain = model(**batch, task_ids=task_ids).loss
+        batch = prepared[kind]
+        plain = model(**batch).loss
         guard = UnusedParameterGuard(model)
-        touched = model(**batch, task_ids=task_ids).loss
+        touched = model(**batch).loss
         assert bool(guard.unused()) == expect_touch and torch.equal(touched, plain)
         touched.backward()
         if expect_touch:
@@ -96,7 +91,7 @@ def test_guard_adds_exact_zeros_and_nothing_when_everything_ran(batches):
             assert projector and all(torch.count_nonzero(p.grad) == 0 for p in projector)
         model.eval()
         with torch.no_grad():  # evaluation forwards are left alone
-            assert torch.equal(model(**batch, task_ids=task_ids).loss, plain)
+            assert torch.equal(model(**batch).loss, plain)
         guard.remove()
 
 
@@ -104,10 +99,8 @@ def test_hard_task_routing_gives_unused_experts_a_zero_slice_not_a_missing_gradi
     """Why task routing needs no find_unused_parameters: an expert is a slice of one parameter."""
     data, prepared = batches
     model = adapted(data, ADAPTERS["asymlora-task"])
-    batch = dict(prepared["one task"])
-    task_ids = batch.pop("task_ids")
-    assert task_ids.tolist() == [0, 0]
-    model(**batch, task_ids=task_ids).loss.backward()
+    assert prepared["one task"]["task_ids"].tolist() == [0, 0]
+    model(**prepared["one task"]).loss.backward()
     layer = next(iter(model.adapter_layers.values()))
     grad = layer.expert_b.grad
     assert grad is not None and grad[0].abs().sum() > 0

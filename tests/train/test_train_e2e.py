@@ -1,6 +1,5 @@
 """End to end: a JSONL mixture of two tasks with images on disk -> `asymlora train` -> adapter."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from asymlora.cli import main
+from tests.conftest import COLORS, write_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
 def write_mixture(folder: Path, n: int = 12) -> dict:
@@ -31,12 +30,7 @@ def write_mixture(folder: Path, n: int = 12) -> dict:
             {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "yes"}]})
     rows["count"].append({"id": "text-only", "conversations": [
         {"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]})
-    datasets = []
-    for task, records in rows.items():
-        path = folder / f"{task}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        datasets.append({"task": task, "path": str(path), "image_folder": str(images), "weight": 1.0})
-    return {"datasets": datasets, "seed": 0, "max_length": 128}
+    return write_tasks(folder, rows, images)
 
 
 ADAPTERS = {
