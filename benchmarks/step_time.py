@@ -44,6 +44,8 @@ def variants() -> dict:
         "lora_moe_n3_task": lambda: LoraMoeConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS),
         "lora_moe_n3_soft": lambda: LoraMoeConfig(r=32, num_experts=3, routing="soft", target_modules=TARGETS),
         "asymlora_n3_task": lambda: AsymLoraConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS),
+        "asymlora_n3_task_ungrouped": lambda: AsymLoraConfig(r=32, num_experts=3, routing="task", group_siblings=False,
+                                                             target_modules=TARGETS),
         "asymlora_n3_soft": lambda: AsymLoraConfig(r=32, num_experts=3, routing="soft", target_modules=TARGETS),
         "mixlora_e32_r8": lambda: MixLoraConfig(r=8, num_factors=32, target_modules=TARGETS),
         "mixlora_e64_r32": lambda: MixLoraConfig(r=32, num_factors=64, lora_alpha=128, target_modules=TARGETS),
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, action="append", choices=sorted(SHAPES))
     parser.add_argument("--variants", nargs="*", default=None)
     parser.add_argument("--modes", nargs="*", default=["eager", "compile", "cudagraphs"], choices=["eager", "compile", "cudagraphs"])
+    parser.add_argument("--floor-modes", nargs="*", default=None, choices=["eager", "compile", "cudagraphs"],
+                        help="modes for the floor (default: --modes)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--generation", action="store_true")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {}
         for name in names:
             row = {}
-            for mode in args.modes:
+            for mode in (args.floor_modes or args.modes) if name == "floor" else args.modes:
                 base = build_base(shape)
                 try:
                     row[mode] = measure(base, all_variants[name], shape, mode, args.warmup, args.repeat,

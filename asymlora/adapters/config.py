@@ -104,6 +104,7 @@ class AdapterConfig:
     layers_pattern: list[str] | str | None = None
     task_names: list[str] | None = None
     fast_path: bool = True
+    group_siblings: bool = True
     compute_dtype: str = "input"
     base_model_name_or_path: str | None = None
 

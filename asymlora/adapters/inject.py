@@ -129,6 +129,26 @@ def _task_ids_tensor(task_ids: Any, task_names: Sequence[str] | None) -> Tensor 
     return torch.as_tensor(ids, dtype=torch.long)
 
 
+# Linears of one module that read the same input in the models transformers ships: attention's q,
+# k and v (Llama, Mistral, Qwen, Gemma, CLIP, SigLIP), a gated MLP's gate and up, BERT-style
+# attention. A group that turns out not to share its input leaves itself (AdapterLayer._leave_group).
+SIBLING_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def link_siblings(layers: dict[str, AdapterLayer]) -> None:
+    """Declare the adapted linears of each :data:`SIBLING_GROUPS` entry in one module siblings."""
+    children: dict[str, dict[str, AdapterLayer]] = {}
+    for name, layer in layers.items():
+        parent, _, child = name.rpartition(".")
+        children.setdefault(parent, {})[child] = layer
+    for named in children.values():
+        for group in SIBLING_GROUPS:
+            members = [named[c] for c in group if c in named]
+            if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                for m in members:
+                    m.siblings = tuple(o for o in members if o is not m)
+
+
 class AdapterModel(nn.Module):
     """A transformers model with AsymLoRA / LoRA-MoE / MixLoRA layers in place of its target linears.
 
@@ -159,6 +179,8 @@ class AdapterModel(nn.Module):
             layer.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
             setattr(parent, child, layer)
             self.adapter_layers[name] = layer
+        if config.fast_path and config.group_siblings:
+            link_siblings(self.adapter_layers)
         for name in self.modules_to_save:
             base_model.get_submodule(name).requires_grad_(True)
 

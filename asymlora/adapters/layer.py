@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from ..kernels import lowrank_linear, routed_matrices
+from ..kernels import LowRankMember, lowrank_linear_group, routed_matrices
 from .routing import RoutingContext
 
 
@@ -30,6 +32,11 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.merged_task: int | None = None
         self._unmerged_weight: Tensor | None = None
+        # Adapted linears of the same module that read the same input (AdapterModel sets them):
+        # the first one called on an input computes all of theirs in one op and leaves each its
+        # output, keyed by the input itself, for when it is called.
+        self.siblings: tuple[AdapterLayer, ...] = ()
+        self._pending: tuple[Tensor, Tensor] | None = None
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
@@ -44,21 +51,64 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor, routing: RoutingContext | None = None) -> Tensor:
         if self.merged_task is not None:
             return self.base_layer(x)
-        if self._fusable(x):
-            factors = self._generation_factors(x, routing)
-            if factors is not None:  # already scaled
-                return self._fused(x, factors, 1.0, None)
-            factors = self.routed_factors(x, routing)
-            gate = None
-            if factors is None:
-                gated = self.gated_factors(x, routing)
-                if gated is not None:
-                    factors, gate = (gated[0], gated[1], None, None), gated[2]
-            if factors is not None:
-                x_adapter = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.training else None
-                return self._fused(x, factors, self.scaling, x_adapter, gate)
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if pending[0] is x:  # a sibling called first on this very input computed it
+                return pending[1]
+            self._leave_group()
+        spec = self._fused_spec(x, routing) if self._fusable(x) else None
+        if spec is not None:
+            return self._fused_with_siblings(x, spec, routing)
         result = self.base_layer(x)
         return result + self.delta(x, routing).to(result.dtype)
+
+    def _adapter_dropout_active(self) -> bool:
+        return isinstance(self.dropout, nn.Dropout) and self.training
+
+    def _groupable(self, x: Tensor) -> bool:
+        """Whether this layer's output on ``x`` can be computed by a sibling's op."""
+        return self.merged_task is None and self._fusable(x) and not self._adapter_dropout_active()
+
+    def _leave_group(self) -> None:
+        """Called on another input than the one a sibling computed for: the declared group does not
+        share its input in this model. Every member goes back to one op each (still correct before:
+        each output is only ever taken for the very input it was computed from)."""
+        warnings.warn(f"{self.name}: its siblings {[s.name for s in self.siblings]} do not read the same input; "
+                      "running them one op each", stacklevel=3)
+        for layer in (self, *self.siblings):
+            layer.siblings, layer._pending = (), None
+
+    def _fused_with_siblings(self, x: Tensor, spec: tuple, routing: RoutingContext | None) -> Tensor:
+        member, scaling, x_adapter = spec
+        members, takers = [member], []
+        if x_adapter is None:
+            for sibling in self.siblings:
+                if sibling._groupable(x):
+                    sibling_spec = sibling._fused_spec(x, routing)
+                    if sibling_spec is not None and sibling_spec[1] == scaling:
+                        members.append(sibling_spec[0])
+                        takers.append(sibling)
+        outs = self._fused(x, members, scaling, x_adapter)
+        for sibling, out in zip(takers, outs[1:]):
+            sibling._pending = (x, out)
+        return outs[0]
+
+    def _fused_spec(self, x: Tensor, routing: RoutingContext | None) -> tuple | None:
+        """``(LowRankMember, scaling, x_adapter)`` for the fused op, or None where it does not apply."""
+        factors, scaling, gate = self._generation_factors(x, routing), 1.0, None  # already scaled
+        if factors is None:
+            scaling = self.scaling
+            factors = self.routed_factors(x, routing)
+            if factors is None:
+                gated = self.gated_factors(x, routing)
+                if gated is None:
+                    return None
+                factors, gate = (gated[0], gated[1], None, None), gated[2]
+        a, b, a_index, b_index = factors
+        x_adapter = self.dropout(x) if self._adapter_dropout_active() else None
+        base = self.base_layer
+        return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), scaling, x_adapter
 
     def _fusable(self, x: Tensor) -> bool:
         """Whether the frozen linear and the update can run as one op (kernels.lowrank_linear): the
@@ -75,21 +125,20 @@ class AdapterLayer(nn.Module):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    def _fused(self, x: Tensor, factors: tuple, scaling: float, x_adapter: Tensor | None,
-               gate: Tensor | None = None) -> Tensor:
-        a, b, a_index, b_index = factors
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+    def _fused(self, x: Tensor, members: list[LowRankMember], scaling: float,
+               x_adapter: Tensor | None) -> list[Tensor]:
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # Operands go to autocast's dtype; the op itself runs with autocast off (its in-place
             # accumulation needs one dtype; it casts the factors).
             dtype = self._fused_dtype(x)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+            x = x.to(dtype)
+            members = [m._replace(weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
+                       for m in members]
             x_adapter = None if x_adapter is None else x_adapter.to(dtype)
             with torch.autocast(device, enabled=False):
-                return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index, gate)
-        return lowrank_linear(x, weight, bias, a, b, scaling, x_adapter, a_index, b_index, gate)
+                return lowrank_linear_group(x, members, scaling, x_adapter)
+        return lowrank_linear_group(x, members, scaling, x_adapter)
 
     def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance

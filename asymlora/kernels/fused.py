@@ -27,6 +27,9 @@ writes in place (a functional ``addmm`` would copy the update into a fresh buffe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -146,33 +149,73 @@ def _gate_expand(h: Tensor, gate: Tensor, r: int) -> Tensor:
     return (gate.unsqueeze(-1) * h.view(*h.shape[:-1], -1, r)).flatten(-2)
 
 
-def _forward(x: Tensor, x_a: Tensor | None, weight: Tensor, bias: Tensor | None, a: Tensor, a_index: Tensor | None,
-             b: Tensor, b_index: Tensor | None, scaling: float,
-             gate: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The output, and what the backward needs: h = s · x_a Aᵀ, the selected (or stacked) A and B."""
+class LowRankMember(NamedTuple):
+    """One linear of a group that reads the same input: its frozen weight and bias, and its
+    factors as :func:`lowrank_linear` takes them."""
+
+    weight: Tensor
+    bias: Tensor | None
+    a: Tensor
+    b: Tensor
+    a_index: Tensor | None = None
+    b_index: Tensor | None = None
+    gate: Tensor | None = None
+
+
+_FIELDS = len(LowRankMember._fields)
+
+
+def _select(m: LowRankMember, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A member's A (rows stacked: ``(R, d_in)`` or per sample ``(batch, R, d_in)``) and B in ``dtype``."""
+    if m.gate is None:
+        return routed_matrices(m.a, m.b, m.a_index, m.b_index, dtype)
+    return _gated_factors(m.a, m.b, dtype)
+
+
+def _stack_a(a_ms: list[Tensor], batch: int) -> Tensor:
+    """The members' A's as one ``(ΣR, d_in)`` (or per sample ``(batch, ΣR, d_in)``): one GEMM reads x
+    for all of them. A shared A next to per-sample ones is broadcast over the batch."""
+    if len(a_ms) == 1:
+        return a_ms[0]
+    if any(a.dim() == 3 for a in a_ms):
+        a_ms = [a if a.dim() == 3 else a.expand(batch, *a.shape) for a in a_ms]
+    return torch.cat(a_ms, dim=-2)
+
+
+def _columns(h: Tensor, sizes: list[int]) -> list[Tensor]:
+    """``h``'s last dimension cut into the members' blocks (views: the GEMMs read them strided)."""
+    return [h] if len(sizes) == 1 else list(h.split(sizes, dim=-1))
+
+
+def _forward(x: Tensor, x_a: Tensor | None, members: list[LowRankMember],
+             scaling: float) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor], list[tuple[int, int]]]:
+    """The outputs, and what the backward needs: h = s · x_a [A_1; A_2; ...]ᵀ, the stacked A, each B,
+    and each member's (rows of A, dims of its selected A)."""
     src = x if x_a is None else x_a
-    if gate is None:
-        a_m, b_m = routed_matrices(a, b, a_index, b_index, x.dtype)
-        h = _times(src, a_m, transpose=True, alpha=scaling)  # (batch, seq, r)
-        out = _times(h, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
-    else:
-        a_m, b_m = _gated_factors(a, b, x.dtype)
-        h = _times(src, a_m, transpose=True, alpha=scaling)  # (batch, seq, R)
-        out = _times(_gate_expand(h, gate.to(x.dtype), b.shape[-1]), b_m, transpose=True)
-    if bias is not None:
-        out.add_(bias)
-    _accumulate_mm(out, x, weight, transpose=True)  # the frozen GEMM adds itself onto the update
-    return out, h, a_m, b_m
+    selected = [_select(m, x.dtype) for m in members]
+    layout = [(a_m.shape[-2], a_m.dim()) for a_m, _ in selected]
+    sizes = [rows for rows, _ in layout]
+    a_cat = _stack_a([a_m for a_m, _ in selected], x.shape[0])
+    h = _times(src, a_cat, transpose=True, alpha=scaling)  # (batch, seq, ΣR): x read once for all
+    outs = []
+    for m, (_, b_m), h_m in zip(members, selected, _columns(h, sizes)):
+        u = h_m if m.gate is None else _gate_expand(h_m, m.gate.to(x.dtype), m.b.shape[-1])
+        out = _times(u, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
+        if m.bias is not None:
+            out.add_(m.bias)
+        _accumulate_mm(out, x, m.weight, transpose=True)  # the frozen GEMM adds itself onto the update
+        outs.append(out)
+    return outs, h, a_cat, [b_m for _, b_m in selected], layout
 
 
-def _gated_grads(grad: Tensor, src: Tensor, a: Tensor, b: Tensor, gate: Tensor, b_m: Tensor, h: Tensor,
-                 scaling: float, need_a: bool, need_b: bool, need_gate: bool) -> tuple:
-    """The gated form's dL/d(x_a Aᵀ) and the gradients of (a, b, gate)."""
+def _gated_grads(grad: Tensor, b: Tensor, gate: Tensor, b_m: Tensor, h: Tensor, scaling: float,
+                 need_b: bool, need_gate: bool) -> tuple:
+    """The gated form's dL/d(x_a Aᵀ) and the gradients of b and the gate."""
     n, d_out, r = b.shape
     g = gate.to(grad.dtype)
     gv = _times(grad, b_m, transpose=False).view(*grad.shape[:-1], n, r)  # dL/dv, (batch, seq, N, r)
     hv = h.view(*h.shape[:-1], -1, r)
-    grad_gate = grad_b = grad_a = None
+    grad_gate = grad_b = None
     if need_gate:  # v = g ⊗ h: dL/dg_i = Σ_j dL/dv_ij h_j, summed over what the gate broadcasts over
         acc = torch.promote_types(grad.dtype, torch.float32)
         grad_gate = (gv.to(acc) * hv.to(acc)).sum(-1).sum_to_size(gate.shape).to(gate.dtype)
@@ -181,68 +224,149 @@ def _gated_grads(grad: Tensor, src: Tensor, a: Tensor, b: Tensor, gate: Tensor, 
     if need_b:
         v = _gate_expand(h, g, r)
         grad_b = _outer(grad, v, False, b.dtype).view(d_out, n, r).permute(1, 0, 2).contiguous()
-    if need_a:
-        grad_a = _outer(gh, src, False, a.dtype).view(a.shape)
-    return gh, grad_a, grad_b, grad_gate
+    return gh, grad_b, grad_gate
 
 
-def _backward(grad: Tensor, x: Tensor, x_a: Tensor | None, weight: Tensor, a: Tensor, a_index: Tensor | None, b: Tensor,
-              b_index: Tensor | None, gate: Tensor | None, a_m: Tensor, b_m: Tensor, h: Tensor, scaling: float,
-              needs: list[bool]) -> list[Tensor | None]:
-    """Gradients of (x, x_a, weight, bias, a, b, gate); None where ``needs`` is False."""
-    need_x, need_xa, need_w, need_bias, need_a, need_b, need_gate = needs
-    grad = grad.contiguous()
-    flat = grad.view(-1, grad.shape[-1])
+def _a_grad_to_table(grad: Tensor, m: LowRankMember, selected_dim: int) -> Tensor:
+    """A member's block of the stacked A's gradient, back into its parameter table."""
+    if grad.dim() == 3 and selected_dim == 2:
+        grad = grad.sum(0)  # a shared A that was broadcast next to per-sample ones
+    if m.gate is not None:
+        return grad.reshape(m.a.shape).to(m.a.dtype)
+    return _factor_grad_to_table(grad, m.a, m.a_index)
+
+
+def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members: list[LowRankMember], h: Tensor,
+              a_cat: Tensor, b_ms: list[Tensor], layout: list[tuple[int, int]], scaling: float,
+              needs: list[bool]) -> tuple[Tensor | None, Tensor | None, list[list[Tensor | None]]]:
+    """Gradients of x, x_a and, per member, of (weight, bias, a, b, a_index, b_index, gate)."""
+    sizes, selected_dims = [rows for rows, _ in layout], [dim for _, dim in layout]
+    need_x, need_xa = needs[0], needs[1]
     src = x if x_a is None else x_a
-    grads: list[Tensor | None] = [None] * 7
-    if gate is None:
-        gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
-        if need_b:
-            g_b = _outer(grad, h, b_m.dim() == 3, _grad_dtype(b, b_index))
-            grads[5] = _factor_grad_to_table(g_b, b, b_index, _b_rows(b_index))
-        if need_a:
-            grads[4] = _factor_grad_to_table(_outer(gh, src, a_m.dim() == 3, _grad_dtype(a, a_index)), a, a_index)
-    else:
-        gh, grads[4], grads[5], grads[6] = _gated_grads(grad, src, a, b, gate, b_m, h, scaling,
-                                                        need_a, need_b, need_gate)
+    flats, ghs, member_grads = [], [], []
+    for i, (m, b_m, h_m) in enumerate(zip(members, b_ms, _columns(h, sizes))):
+        need_w, need_bias, _, need_b, _, _, need_gate = needs[2 + i * _FIELDS: 2 + (i + 1) * _FIELDS]
+        grad = grads[i].contiguous()
+        flat = grad.view(-1, grad.shape[-1])
+        mg: list[Tensor | None] = [None] * _FIELDS
+        if m.gate is None:
+            gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
+            if need_b:
+                g_b = _outer(grad, h_m, b_m.dim() == 3, _grad_dtype(m.b, m.b_index))
+                mg[3] = _factor_grad_to_table(g_b, m.b, m.b_index, _b_rows(m.b_index))
+        else:
+            gh, mg[3], mg[6] = _gated_grads(grad, m.b, m.gate, b_m, h_m, scaling, need_b, need_gate)
+        if need_w:
+            mg[0] = flat.t() @ x.reshape(-1, x.shape[-1])
+        if need_bias:
+            mg[1] = flat.sum(0)
+        flats.append(flat)
+        ghs.append(gh)
+        member_grads.append(mg)
+    gh = ghs[0] if len(ghs) == 1 else torch.cat(ghs, dim=-1)  # (batch, seq, ΣR): small
+    need_as = [needs[2 + i * _FIELDS + 2] for i in range(len(members))]
+    if any(need_as):  # every A's gradient in one GEMM over x
+        acc = _grad_dtype(members[0].a, members[0].a_index)
+        for m in members[1:]:
+            acc = torch.promote_types(acc, _grad_dtype(m.a, m.a_index))
+        grad_a = _outer(gh, src, a_cat.dim() == 3, acc)
+        blocks = [grad_a] if len(sizes) == 1 else grad_a.split(sizes, dim=-2)
+        for i, (m, block) in enumerate(zip(members, blocks)):
+            if need_as[i]:
+                member_grads[i][2] = _a_grad_to_table(block, m, selected_dims[i])
+    grad_x = grad_xa = None
     if x_a is None:
         if need_x:
-            grad_x = _times(gh, a_m, transpose=False)  # written once ...
-            _accumulate_mm(grad_x, flat, weight, transpose=False)  # ... and G W accumulates onto it
-            grads[0] = grad_x
+            grad_x = _times(gh, a_cat, transpose=False)  # the low-rank input gradient, written once ...
+            for m, flat in zip(members, flats):
+                _accumulate_mm(grad_x, flat, m.weight, transpose=False)  # ... each G W accumulates onto it
     else:
         if need_x:
-            grads[0] = (flat @ weight).view(x.shape)
+            grad_x = flats[0] @ members[0].weight
+            for m, flat in zip(members[1:], flats[1:]):
+                _accumulate_mm(grad_x, flat, m.weight, transpose=False)
+            grad_x = grad_x.view(x.shape)
         if need_xa:
-            grads[1] = _times(gh, a_m, transpose=False)
-    if need_w:
-        grads[2] = flat.t() @ x.reshape(-1, x.shape[-1])
-    if need_bias:
-        grads[3] = flat.sum(0)
-    return grads
+            grad_xa = _times(gh, a_cat, transpose=False)
+    return grad_x, grad_xa, member_grads
 
 
-def _needs(ctx) -> list[bool]:
-    """Which of (x, x_a, weight, bias, a, b, gate) need a gradient (inputs 5, 7, 8 are indices / scaling)."""
-    return [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6, 9)]
+def _distinct(fields: list[Tensor | None]) -> tuple[list[Tensor], tuple[int, ...]]:
+    """Each distinct tensor once, and where each field finds it (-1: None). Members share index
+    tensors (one task index for q, k and v), and torch.compile cannot trace an autograd.Function
+    that takes one tensor twice."""
+    distinct: list[Tensor] = []
+    slots = []
+    for t in fields:
+        if t is None:
+            slots.append(-1)
+            continue
+        for j, seen in enumerate(distinct):
+            if seen is t:
+                slots.append(j)
+                break
+        else:
+            slots.append(len(distinct))
+            distinct.append(t)
+    return distinct, tuple(slots)
 
 
-def _input_grads(grads: list[Tensor | None]) -> tuple:
-    """_backward's gradients in the order of the inputs (x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)."""
-    return grads[0], grads[1], grads[2], grads[3], grads[4], None, grads[5], None, None, grads[6]
+def _members(distinct: tuple[Tensor, ...], slots: tuple[int, ...]) -> list[LowRankMember]:
+    fields = [None if j < 0 else distinct[j] for j in slots]
+    return [LowRankMember(*fields[i:i + _FIELDS]) for i in range(0, len(fields), _FIELDS)]
 
 
-class _LowRankLinear(torch.autograd.Function):
+class _LowRankGroup(torch.autograd.Function):
+    """Inputs: x, x_a, scaling, the members' field slots, then the distinct tensors of their fields
+    (LowRankMember order); one output per member."""
+
     @staticmethod
-    def forward(ctx, x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate):
-        out, h, a_m, b_m = _forward(x, x_a, weight, bias, a, a_index, b, b_index, scaling, gate)
-        ctx.save_for_backward(x, x_a, weight, a, a_index, b, b_index, gate, a_m, b_m, h)
-        ctx.scaling = scaling
-        return out
+    def forward(ctx, x, x_a, scaling, slots, *distinct):
+        members = _members(distinct, slots)
+        outs, h, a_cat, b_ms, layout = _forward(x, x_a, members, scaling)
+        ctx.save_for_backward(x, x_a, h, a_cat, *b_ms, *distinct)
+        ctx.scaling, ctx.layout, ctx.slots, ctx.count = scaling, layout, slots, len(members)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad):
-        return _input_grads(_backward(grad, *ctx.saved_tensors, ctx.scaling, _needs(ctx)))
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        x, x_a, h, a_cat = saved[:4]
+        b_ms, distinct = list(saved[4:4 + ctx.count]), saved[4 + ctx.count:]
+        members = _members(distinct, ctx.slots)
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 *(j >= 0 and ctx.needs_input_grad[4 + j] for j in ctx.slots)]
+        grad_x, grad_xa, member_grads = _backward(grads, x, x_a, members, h, a_cat, b_ms, ctx.layout,
+                                                  ctx.scaling, needs)
+        distinct_grads: list[Tensor | None] = [None] * len(distinct)
+        for j, g in zip(ctx.slots, (g for mg in member_grads for g in mg)):
+            if g is not None:
+                distinct_grads[j] = g if distinct_grads[j] is None else distinct_grads[j] + g
+        return (grad_x, grad_xa, None, None, *distinct_grads)
+
+
+def lowrank_linear_group(x: Tensor, members: Sequence[LowRankMember], scaling: float,
+                         x_adapter: Tensor | None = None) -> list[Tensor]:
+    """:func:`lowrank_linear` for several linears that read the same ``x`` (a layer's q, k and v;
+    an MLP's gate and up): one GEMM computes every member's ``x Aᵀ`` and, in the backward, one
+    GEMM every A's gradient and one the whole low-rank input gradient, onto which each frozen
+    ``G_i W_i`` accumulates in place (autograd would write and sum one input gradient per linear).
+    Returns each member's output; ``scaling`` is common to all."""
+    members = [m if isinstance(m, LowRankMember) else LowRankMember(*m) for m in members]
+    if not members:
+        raise ValueError("lowrank_linear_group needs at least one member")
+    if x_adapter is not None and len(members) > 1:
+        raise ValueError("a group shares its input: x_adapter (dropout) is for one linear at a time")
+    for i, m in enumerate(members):
+        if m.gate is not None and (m.a_index is not None or m.b_index is not None or m.b.dim() != 3):
+            raise ValueError(f"member {i}: a gated update takes the expert tables (b: (N, d_out, r)) and no indices")
+    scaling = float(scaling)
+    distinct, slots = _distinct([t for m in members for t in m])
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, x_adapter, *distinct))
+    if not wants_grad:  # inference: nothing to save
+        return _forward(x, x_adapter, members, scaling)[0]
+    return list(_LowRankGroup.apply(x, x_adapter, scaling, slots, *distinct))
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
@@ -262,15 +386,8 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b:
     ``(r, d_in)`` (AsymLoRA's shared A) or ``(N, r, d_in)`` (LoRA-MoE); no indices. The gate gets its
     gradient.
     """
-    scaling = float(scaling)
-    if gate is not None and (a_index is not None or b_index is not None or b.dim() != 3):
-        raise ValueError("a gated update takes the expert tables (b: (N, d_out, r)) and no indices")
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, x_adapter, weight, bias, a, b, gate))
-    args = (x, x_adapter, weight, bias, a, a_index, b, b_index, scaling, gate)
-    if not wants_grad:  # inference: nothing to save
-        return _forward(*args)[0]
-    return _LowRankLinear.apply(*args)
+    member = LowRankMember(weight, bias, a, b, a_index, b_index, gate)
+    return lowrank_linear_group(x, [member], scaling, x_adapter)[0]
 
 
 def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
@@ -295,3 +412,9 @@ def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: 
         a_i, b_i = a_i.to(x.dtype), b_i.to(x.dtype)
         rows.append(torch.nn.functional.linear(x[i], weight, bias) + scaling * (src[i] @ a_i.T) @ b_i.T)
     return torch.stack(rows)
+
+
+def lowrank_linear_group_reference(x: Tensor, members: Sequence[LowRankMember], scaling: float) -> list[Tensor]:
+    """:func:`lowrank_linear_group` as one :func:`lowrank_linear_reference` per member."""
+    return [lowrank_linear_reference(x, m.weight, m.bias, m.a, m.b, scaling, None, m.a_index, m.b_index, m.gate)
+            for m in map(lambda m: LowRankMember(*m), members)]

@@ -6,7 +6,8 @@ import torch
 
 from asymlora import AsymLoraConfig, LoraMoeConfig, MixLoraConfig, get_model
 from asymlora.adapters import layer as layer_module
-from asymlora.kernels import lowrank_linear, lowrank_linear_reference
+from asymlora.kernels import (LowRankMember, lowrank_linear, lowrank_linear_group, lowrank_linear_group_reference,
+                              lowrank_linear_reference)
 from tests.conftest import tiny_llama
 
 MODES = ["shared", "per_sample", "table", "rows"]
@@ -122,6 +123,85 @@ def test_op_under_compile_equals_eager(form, backend):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
 
 
+def _group_member(form, g, batch, seq, d_in, d_out, r, n=3, bias=False, train_weight=False):
+    """One member of a group in ``form`` (a layer's routed or gated shape), float64 leaves."""
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    weight, b_index, a_index, gate = rand(d_out, d_in, grad=train_weight), None, None, None
+    if form == "asym_task":  # AsymLoRA, task routing: shared A, each sample's B
+        a, b, b_index = rand(r, d_in), rand(n, d_out, r), torch.randint(0, n, (batch,), generator=g)
+    elif form == "moe_task":  # LoRA-MoE, task routing: each sample's A and B
+        a, b = rand(n, r, d_in), rand(n, d_out, r)
+        a_index = b_index = torch.randint(0, n, (batch,), generator=g)
+    elif form == "rows":  # MixLoRA: each sample's selected rows
+        a, a_index = _factor_and_index("rows", g, batch, r, d_in)
+        b, b_index = _factor_and_index("rows", g, batch, r, d_out)
+    elif form == "per_sample":  # factors already per sample (coefficient-weighted MixLoRA)
+        a, b = rand(batch, r, d_in), rand(batch, d_out, r)
+    else:  # a soft gate per token over AsymLoRA's shared A or LoRA-MoE's A per expert
+        a = rand(r, d_in) if form == "gated_shared" else rand(n, r, d_in)
+        b = rand(n, d_out, r)
+        gate = torch.softmax(torch.randn(batch, seq, n, generator=g, dtype=torch.float64), -1).requires_grad_(True)
+    return LowRankMember(weight, rand(d_out) if bias else None, a, b, a_index, b_index, gate)
+
+
+GROUPS = [("asym_task",) * 3, ("moe_task",) * 2, ("rows",) * 3, ("gated_shared", "gated_experts"),
+          ("asym_task", "moe_task", "gated_shared"), ("rows", "per_sample", "asym_task", "gated_experts")]
+
+
+@pytest.mark.parametrize("forms", GROUPS, ids=["+".join(f) for f in GROUPS])
+def test_group_op_matches_one_reference_per_member(forms):
+    """Linears that read the same x as one op (one x Aᵀ GEMM, one low-rank input gradient): every
+    member's output and every gradient (x, each A, B, gate, bias, a trainable weight) equal one
+    plain-autograd reference per member. Members differ in d_out and rank; mixing shared and
+    per-sample A's broadcasts the shared one, whose gradient must sum over the batch."""
+    g = torch.Generator().manual_seed(len(forms) * 31 + sum(map(len, forms)))
+    batch, seq, d_in = 4, 5, 7
+    x = torch.randn(batch, seq, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    members = [_group_member(form, g, batch, seq, d_in, d_out=5 + i, r=2 + i % 2, bias=i == 1, train_weight=i == 0)
+               for i, form in enumerate(forms)]
+    leaves = [x] + [t for m in members for t in m if t is not None and t.requires_grad]
+    upstream = [torch.randn(batch, seq, m.weight.shape[0], generator=g, dtype=torch.float64) for m in members]
+    results = []
+    for fn in (lowrank_linear_group, lowrank_linear_group_reference):
+        ys = fn(x, members, 1.5)
+        loss = sum((y * u).sum() for y, u in zip(ys, upstream))
+        results.append((ys, torch.autograd.grad(loss, leaves)))
+    for fused, plain in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(fused, plain)
+    for fused, plain, leaf in zip(results[0][1], results[1][1], leaves):
+        assert fused.dtype == leaf.dtype and fused.shape == leaf.shape
+        torch.testing.assert_close(fused, plain)
+    with torch.no_grad():  # inference keeps nothing and computes the same
+        for fused, plain in zip(lowrank_linear_group(x, members, 1.5), results[1][0]):
+            torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_group_op_under_compile_equals_eager(backend):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    members = [_group_member(form, g, 2, 3, 8, 5 + i, 4) for i, form in enumerate(("asym_task", "rows", "gated_shared"))]
+    members = [LowRankMember(*(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in m))
+               for m in members]
+    leaves = [x] + [t for m in members for t in (m.a, m.b)]
+    for t in leaves:
+        t.requires_grad_(True)
+
+    def fn(x, *factors):
+        ms = [m._replace(a=factors[2 * i], b=factors[2 * i + 1]) for i, m in enumerate(members)]
+        return lowrank_linear_group(x, ms, 2.0)
+
+    runs = []
+    for f in (torch.compile(fn, backend=backend, fullgraph=True), fn):
+        ys = f(*leaves)
+        runs.append((*ys, *torch.autograd.grad(sum(y.square().sum() for y in ys), leaves)))
+    for c, e in zip(*runs):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
+
+
 def test_accumulate_op_passes_opcheck_and_rejects_a_gated_index():
     g = torch.Generator().manual_seed(1)
     out, m1, m2 = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)
@@ -141,17 +221,24 @@ def test_accumulate_op_passes_opcheck_and_rejects_a_gated_index():
     (MixLoraConfig(r=2, num_factors=6, lora_alpha=12), True),
     (AsymLoraConfig(r=4, lora_alpha=8, routing="soft"), True),
     (LoraMoeConfig(r=4, lora_alpha=8, routing="topk", top_k=2, granularity="instance"), True),
+    (AsymLoraConfig(r=4, lora_alpha=8, routing="task", group_siblings=False), True),
     (AsymLoraConfig(r=4, lora_alpha=8, routing="task", compute_dtype="float32"), False),
     (AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=False), False),
 ])
 def test_layers_take_the_fused_op_where_routing_reduces_to_one_update(monkeypatch, config, fused):
+    """Every adapted linear runs through the op, q/k/v and gate/up as one call each (4 calls a
+    decoder layer for 7 linears) unless ``group_siblings=False``."""
     calls = []
-    real = layer_module.lowrank_linear
-    monkeypatch.setattr(layer_module, "lowrank_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = layer_module.lowrank_linear_group
+    monkeypatch.setattr(layer_module, "lowrank_linear_group",
+                        lambda x, members, *a, **k: calls.append(len(members)) or real(x, members, *a, **k))
     model = get_model(tiny_llama(), config)
     model(input_ids=torch.randint(1, 90, (2, 5)), task_ids=torch.tensor([0, 1]))
     assert bool(calls) == fused
-    assert len(calls) in (0, len(model.adapter_layers))
+    if fused:
+        assert sum(calls) == len(model.adapter_layers)
+        layers = len(model.base_model.model.layers)
+        assert calls == ([3, 1, 2, 1] * layers if config.group_siblings else [1] * 7 * layers)
 
 
 def _randomize(model, seed):
@@ -163,15 +250,17 @@ def _randomize(model, seed):
 
 
 @pytest.mark.parametrize("make", [
+    lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
     lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", lora_dropout=0.2, fast_path=fast),
     lambda fast: LoraMoeConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
     lambda fast: MixLoraConfig(r=2, num_factors=6, lora_alpha=12, factor_weighting="softmax", fast_path=fast),
     lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="soft", lora_dropout=0.2, fast_path=fast),
     lambda fast: LoraMoeConfig(r=4, lora_alpha=8, routing="topk", top_k=2, granularity="instance", fast_path=fast),
-], ids=["asym-dropout", "moe", "mix-softmax", "asym-soft-dropout", "moe-topk-instance"])
+], ids=["asym", "asym-dropout", "moe", "mix-softmax", "asym-soft-dropout", "moe-topk-instance"])
 def test_model_with_fused_layers_equals_the_reference_path(make):
     """Logits and every trainable gradient (the routers' too, through the gate and the load-balancing
-    loss), in training mode (dropout drawn from the same seed)."""
+    loss), in training mode (dropout drawn from the same seed). Without dropout, q/k/v and gate/up
+    run as groups; with it, one op each (each linear draws its own mask)."""
     ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(1)), torch.tensor([2, 0, 1])
     runs = []
     for fast in (True, False):
@@ -251,3 +340,51 @@ def test_compiled_decode_steps_read_the_generation_cache_filled_eagerly(monkeypa
         again = torch.compile(model.base_model, backend="aot_eager")(input_ids=ids).logits
         assert selected and not ctx.pooled_cache
         torch.testing.assert_close(again, eager)
+
+
+def _train_step(model, ids, task_ids):
+    out = model(input_ids=ids, labels=ids, task_ids=task_ids)
+    out.loss.backward()
+    return out.logits, {n.replace("_orig_mod.", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_step(run, expected):
+    torch.testing.assert_close(run[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert run[1].keys() == expected[1].keys()
+    for name in expected[1]:
+        torch.testing.assert_close(run[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setting", ["checkpointing", "compiled", "misdeclared"])
+def test_sibling_groups_equal_one_op_per_linear(setting):
+    """q/k/v and gate/up as one op each give the logits and gradients of one op per linear: under
+    gradient checkpointing (the recomputation regroups), compiled whole with no graph break (the
+    outputs handed to the siblings are traced), and for a group declared wrongly (o_proj with q,
+    k, v: it reads the attention's output), which warns, leaves, and stays correct throughout."""
+    ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(5)), torch.tensor([2, 0, 1])
+    runs = []
+    for group in (False, True):
+        base = tiny_llama()
+        if setting == "checkpointing":
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_model(base, AsymLoraConfig(r=4, lora_alpha=8, routing="task", group_siblings=group)).train()
+        _randomize(model, 6)
+        if group and setting == "compiled":
+            torch._dynamo.reset()
+            model.base_model.model = torch.compile(model.base_model.model, backend="aot_eager", fullgraph=True)
+        if group and setting == "misdeclared":
+            attn = model.base_model.model.layers[0].self_attn
+            members = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            for m in members:
+                m.siblings = tuple(o for o in members if o is not m)
+            with pytest.warns(UserWarning, match="do not read the same input"):
+                runs.append(_train_step(model, ids, task_ids))
+            assert attn.q_proj.siblings == () and attn.o_proj._pending is None
+            model.zero_grad(set_to_none=True)
+        runs.append(_train_step(model, ids, task_ids))
+        if group and setting == "compiled":
+            model.zero_grad(set_to_none=True)
+            runs.append(_train_step(model, ids, task_ids))  # the compiled graph, replayed
+    for run in runs[1:]:
+        _assert_same_step(run, runs[0])
+    assert all(layer._pending is None for layer in model.adapter_layers.values())

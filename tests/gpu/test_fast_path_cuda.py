@@ -124,3 +124,49 @@ def test_fused_op_with_float32_tables_matches_reference(form):
     for gf, gr, gt, leaf in zip(results["fast"][1], results["ref"][1], g64, leaves):
         assert gf.dtype == leaf.dtype
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
+
+
+@pytest.mark.parametrize("form", ["asym_task", "moe_task", "mix_rows", "asym_soft"])
+def test_group_op_matches_reference_bf16(form):
+    """q, k and v as one op (one x Aᵀ GEMM, one low-rank input gradient with each G W accumulated
+    onto it), float32 tables under a bf16 input, against one reference per member, all against
+    float64."""
+    b, t, d_in, r, n, e = 4, 256, 2048, 32, 3, 32
+    g = torch.Generator(device="cuda").manual_seed(13)
+    x = fresh(b, t, d_in)
+    index = torch.tensor([2, 0, 1, 2], device="cuda")
+
+    def table(*shape):
+        return (torch.randn(*shape, device="cuda", generator=g) * 0.02).requires_grad_(True)
+
+    members, leaves = [], [x]
+    for d_out in (2048, 512, 512):
+        weight = (torch.randn(d_out, d_in, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        if form == "asym_task":
+            m = kernels.LowRankMember(weight, None, table(r, d_in), table(n, d_out, r), None, index)
+        elif form == "moe_task":
+            m = kernels.LowRankMember(weight, None, table(n, r, d_in), table(n, d_out, r), index, index)
+        elif form == "mix_rows":
+            rows = torch.stack([torch.randperm(e, device="cuda")[:8] for _ in range(b)])
+            m = kernels.LowRankMember(weight, None, table(e, d_in), table(e, d_out), rows, rows.flip(-1))
+        else:
+            gate = torch.softmax(torch.randn(b, t, n, device="cuda", generator=g), -1).requires_grad_(True)
+            m = kernels.LowRankMember(weight, None, table(r, d_in), table(n, d_out, r), gate=gate)
+        members.append(m)
+        leaves += [t_ for t_ in (m.a, m.b, m.gate) if t_ is not None]
+    ups = [torch.randn(b, t, m.weight.shape[0], device="cuda", dtype=torch.bfloat16) for m in members]
+    results = {}
+    for name, fn in (("fast", kernels.lowrank_linear_group), ("ref", kernels.lowrank_linear_group_reference)):
+        ys = fn(x, members, 2.0)
+        loss = sum((y.float() * u.float()).sum() for y, u in zip(ys, ups))
+        results[name] = (ys, torch.autograd.grad(loss, leaves))
+    d = {id(v): v.detach().double().requires_grad_(True) for v in leaves}
+    members64 = [kernels.LowRankMember(*(d.get(id(v), v.double() if v is not None and v.is_floating_point() else v)
+                                         for v in m)) for m in members]
+    ys64 = kernels.lowrank_linear_group_reference(d[id(x)], members64, 2.0)
+    g64 = torch.autograd.grad(sum((y * u.double()).sum() for y, u in zip(ys64, ups)), [d[id(v)] for v in leaves])
+    for yf, yr, yt in zip(results["fast"][0], results["ref"][0], ys64):
+        assert rel(yf, yt) < max(1e-2, 2 * rel(yr, yt))
+    for gf, gr, gt, leaf in zip(results["fast"][1], results["ref"][1], g64, leaves):
+        assert gf.dtype == leaf.dtype
+        assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
