@@ -208,15 +208,22 @@ class AdapterModel(nn.Module):
         if batch is not None and task_ids.shape[0] != batch:
             raise ValueError(f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples")
         n = getattr(self.config, "num_experts", None)
-        if n is not None and routing in ("task", "task_supervised") and task_ids.numel():
+        # Values are checked where reading them is free: ids given on the host (a list, names, a CPU
+        # tensor). Ids already on an accelerator are not read back: that would stall the host on the
+        # GPU every step (it could no longer queue the next forward while the backward runs); an
+        # id out of range there fails in the op's index lookup, as an embedding lookup does.
+        if n is not None and routing in ("task", "task_supervised") and task_ids.numel() and task_ids.device.type == "cpu":
             if int(task_ids.min()) < 0 or int(task_ids.max()) >= n:
                 raise ValueError(f"task_ids must lie in [0, num_experts={n}); got {task_ids.tolist()}")
 
     def _set_context(self, task_ids: Any, kwargs: dict, generating: bool) -> RoutingContext:
         task_ids = _task_ids_tensor(task_ids, self.config.task_names)
         ids = kwargs.get("input_ids")
-        batch = ids.shape[0] if isinstance(ids, Tensor) else None
+        inputs = ids if isinstance(ids, Tensor) else kwargs.get("inputs_embeds")
+        batch = inputs.shape[0] if isinstance(inputs, Tensor) else None
         self._check_task_ids(task_ids, batch)
+        if task_ids is not None and isinstance(inputs, Tensor):
+            task_ids = task_ids.to(inputs.device)  # checked on the host first, moved once per forward
         old = self._context
         mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
         pool_mask = None

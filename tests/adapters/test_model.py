@@ -269,6 +269,13 @@ def test_bad_calls_fail_naming_the_problem():
         model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="needs task_ids"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"\[0, num_experts=3\)"):
+        model(input_ids=ids, attention_mask=mask, task_ids=[0, -1, 2])
+    # Ids already on an accelerator are not read back (a host stall every step); shapes still are.
+    # A meta tensor stands in: reading one would raise.
+    model._check_task_ids(torch.tensor([0, 7, 1], device="meta"), 3)
+    with pytest.raises(ValueError, match="3 samples"):
+        model._check_task_ids(torch.tensor([0, 1], device="meta"), 3)
 
 
 def test_loading_refuses_non_safetensors_and_mismatched_shapes(tmp_path):
