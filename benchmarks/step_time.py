@@ -8,7 +8,8 @@ and E = 64 / r = 32). A step is the forward plus the backward to the inputs (and
 parameters); no optimizer step. The floor is the frozen model with no adapter at all. Each variant
 is timed eagerly, under torch.compile (of the decoder stack) and compiled with CUDA graphs
 (``mode="reduce-overhead"``: no host overhead per kernel), and reported at the fastest of them,
-as a ratio to the floor's fastest; median of ``--repeat`` steps after warm-up, CUDA events.
+as a ratio to the floor's fastest; median of ``--repeat`` steps after warm-up, CUDA events. The
+floor is timed first and again last (``--no-floor-again`` skips it); ratios are to the mean of both.
 
 A second table: generation throughput of a mixed-task batch (AsymLoRA, task routing) against the
 same model merged for one task (no adapter on the path).

@@ -3,7 +3,8 @@
 Layers call :func:`asym_lora_delta`, :func:`lora_moe_delta` or :func:`mix_lora_delta`; the
 ``fast`` flag (``config.fast_path``) picks the implementation here and nowhere else. Where a layer
 can run as the frozen linear plus one update (task routing, MixLoRA's selection, a soft or top-k
-gate over the experts), the fast path is :func:`lowrank_linear`: both as one op (fused.py); the
+gate over the experts), the fast path is :func:`lowrank_linear`: both as one op (fused.py), and
+:func:`lowrank_linear_group` for the linears that read the same input (q, k, v; gate, up); the
 delta functions here serve the rest (float32 adapter math, inputs that are not (batch, seq, d)).
 Every fast path is tested against its reference (forward and gradients) on fresh random inputs.
 """

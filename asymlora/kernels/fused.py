@@ -19,6 +19,13 @@ once and the frozen GEMM adds it in its epilogue (``addmm_`` with beta = 1, in p
 backward the low-rank input gradient is written once and the frozen GEMM ``G W`` accumulates onto
 it: six passes (x read twice, the update written, G read twice, grad x written once).
 
+Linears that read the same x (a layer's q, k and v; an MLP's gate and up) run as one op, a group
+(:func:`lowrank_linear_group`; one linear is a group of one): one GEMM computes every member's
+``x Aᵀ`` and, in the backward, one GEMM every A's gradient and one the whole low-rank input
+gradient, onto which each member's frozen ``G_i W_i`` accumulates in place. x is read twice for
+the group instead of twice per linear, and autograd no longer writes one input gradient per linear
+and sums them.
+
 It is a ``torch.autograd.Function``. torch.compile traces it: the compiler fuses the selection,
 casts and gradient scatter into a few kernels, and the two in-place accumulations are one small
 ``torch.library`` op that mutates its output (``asymlora::accumulate_mm_``), which the compiler
