@@ -224,6 +224,8 @@ class AdapterModel(nn.Module):
         self._check_task_ids(task_ids, batch)
         if task_ids is not None and isinstance(inputs, Tensor):
             task_ids = task_ids.to(inputs.device)  # checked on the host first, moved once per forward
+        for layer in self.adapter_layers.values():  # siblings' outputs live within one forward: none
+            layer._pending = None  # is left over from a forward that raised before they were taken
         old = self._context
         mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
         pool_mask = None

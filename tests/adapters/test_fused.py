@@ -1,6 +1,8 @@
 """The fused frozen-linear + low-rank op (kernels/fused.py) against plain autograd, and the layers
 and models that take it against the reference path (``fast_path=False``)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -388,3 +390,32 @@ def test_sibling_groups_equal_one_op_per_linear(setting):
     for run in runs[1:]:
         _assert_same_step(run, runs[0])
     assert all(layer._pending is None for layer in model.adapter_layers.values())
+
+
+def test_a_forward_that_raises_between_siblings_leaves_the_group_intact():
+    """q computes k's and v's outputs; if the forward raises before k and v take them, the next
+    forward starts clean — even one where q computes nothing for them (training with dropout:
+    each linear draws its own mask) — with no stale output, no warning, and the group in place."""
+    config = AsymLoraConfig(r=4, lora_alpha=8, routing="task", lora_dropout=0.1)
+    model = get_model(tiny_llama(), config).eval()
+    _randomize(model, 8)
+    attn = model.base_model.model.layers[0].self_attn
+    ids, task_ids = torch.randint(1, 90, (2, 5), generator=torch.Generator().manual_seed(9)), torch.tensor([1, 2])
+    real = attn.k_proj.forward
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    attn.k_proj.forward = fail
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model(input_ids=ids, task_ids=task_ids)
+    assert attn.k_proj._pending is not None  # left behind by the interrupted forward
+    attn.k_proj.forward = real
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.train()(input_ids=ids, task_ids=task_ids)
+        logits = model.eval()(input_ids=ids, task_ids=task_ids).logits
+    assert len(attn.q_proj.siblings) == 2
+    reference = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=False))
+    _randomize(reference, 8)
+    torch.testing.assert_close(logits, reference(input_ids=ids, task_ids=task_ids).logits, rtol=1e-5, atol=1e-5)
