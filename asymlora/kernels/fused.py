@@ -250,9 +250,10 @@ def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members:
     sizes, selected_dims = [rows for rows, _ in layout], [dim for _, dim in layout]
     need_x, need_xa = needs[0], needs[1]
     src = x if x_a is None else x_a
-    flats, ghs, member_grads = [], [], []
+    flats, ghs, member_grads, need_as = [], [], [], []
     for i, (m, b_m, h_m) in enumerate(zip(members, b_ms, _columns(h, sizes))):
-        need_w, need_bias, _, need_b, _, _, need_gate = needs[2 + i * _FIELDS: 2 + (i + 1) * _FIELDS]
+        need_w, need_bias, need_a, need_b, _, _, need_gate = needs[2 + i * _FIELDS: 2 + (i + 1) * _FIELDS]
+        need_as.append(need_a)
         grad = grads[i].contiguous()
         flat = grad.view(-1, grad.shape[-1])
         mg: list[Tensor | None] = [None] * _FIELDS
@@ -271,7 +272,6 @@ def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members:
         ghs.append(gh)
         member_grads.append(mg)
     gh = ghs[0] if len(ghs) == 1 else torch.cat(ghs, dim=-1)  # (batch, seq, ΣR): small
-    need_as = [needs[2 + i * _FIELDS + 2] for i in range(len(members))]
     if any(need_as):  # every A's gradient in one GEMM over x
         acc = _grad_dtype(members[0].a, members[0].a_index)
         for m in members[1:]:
@@ -289,10 +289,7 @@ def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members:
                 _accumulate_mm(grad_x, flat, m.weight, transpose=False)  # ... each G W accumulates onto it
     else:
         if need_x:
-            grad_x = flats[0] @ members[0].weight
-            for m, flat in zip(members[1:], flats[1:]):
-                _accumulate_mm(grad_x, flat, m.weight, transpose=False)
-            grad_x = grad_x.view(x.shape)
+            grad_x = (flats[0] @ members[0].weight).view(x.shape)  # a group of one: x_a is per linear
         if need_xa:
             grad_xa = _times(gh, a_cat, transpose=False)
     return grad_x, grad_xa, member_grads
@@ -424,4 +421,4 @@ def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: 
 def lowrank_linear_group_reference(x: Tensor, members: Sequence[LowRankMember], scaling: float) -> list[Tensor]:
     """:func:`lowrank_linear_group` as one :func:`lowrank_linear_reference` per member."""
     return [lowrank_linear_reference(x, m.weight, m.bias, m.a, m.b, scaling, None, m.a_index, m.b_index, m.gate)
-            for m in map(lambda m: LowRankMember(*m), members)]
+            for m in (LowRankMember(*m) for m in members)]
