@@ -40,8 +40,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import b_grads as _b_grads
-
 
 def _factor(table: Tensor, index: Tensor | None, dtype: torch.dtype, rows_transposed: bool = False) -> Tensor:
     """A factor in compute dtype: ``table`` itself (shared ``(p, q)`` or per-sample ``(batch, p, q)``)
@@ -108,20 +106,6 @@ def _outer(left: Tensor, right: Tensor, per_sample: bool, out_dtype: torch.dtype
             and _GEMM_OUT_DTYPE and not torch.compiler.is_compiling()):  # compiled: the cast fuses
         return gemm(left, right, out_dtype=out_dtype)
     return gemm(left, right).to(out_dtype)
-
-
-def b_grads_reference(grad: Tensor, b: Tensor, h: Tensor, scaling: float, table_shape: list[int],
-                      index: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(s · G B, dB)`` as two cuBLAS GEMMs and a scatter into the float32 table gradient: what
-    :func:`asymlora.kernels.b_grads.b_grads` computes reading G once (same arguments)."""
-    gh = _times(grad, b, transpose=False, alpha=scaling)
-    db = _outer(grad, h, b.dim() == 3, torch.float32)
-    if index is not None:
-        if index.dim() == 2:
-            db = db.transpose(1, 2)  # (batch, r, d_out): column j of sample b is row index[b, j]
-        db = torch.zeros(table_shape, dtype=torch.float32, device=grad.device).index_add_(
-            0, index.reshape(-1), db.reshape(-1, *table_shape[1:]))
-    return gh, db
 
 
 def _b_rows(b_index: Tensor | None) -> bool:
@@ -273,10 +257,7 @@ def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members:
         grad = grads[i].contiguous()
         flat = grad.view(-1, grad.shape[-1])
         mg: list[Tensor | None] = [None] * _FIELDS
-        if m.gate is None and need_b and m.b.dtype != torch.float64 and _b_grads.available(grad, b_m, h_m):
-            gh, g_table = _b_grads.b_grads(grad, b_m, h_m, scaling, list(m.b.shape), m.b_index)  # G read once
-            mg[3] = g_table.to(m.b.dtype)
-        elif m.gate is None:
+        if m.gate is None:
             gh = _times(grad, b_m, transpose=False, alpha=scaling)  # dL/d(x_a Aᵀ): (batch, seq, r)
             if need_b:
                 g_b = _outer(grad, h_m, b_m.dim() == 3, _grad_dtype(m.b, m.b_index))
