@@ -102,32 +102,78 @@ def measure(base, make_config, shape: dict, mode: str, warmup: int, repeat: int,
 
 def profile_steps(step, steps: int = 3, top: int = 15) -> dict:
     """Where a step's time goes: GPU kernel time against wall time, and the largest kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            step()
+            with record_function("benchmark_step"):
+                step()
         end.record()
         torch.cuda.synchronize()
-    kernels = {}
+    kernels, timeline, host = {}, [], []
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             entry = kernels.setdefault(evt.name[:90], [0.0, 0])
             entry[0] += evt.device_time / 1e3
             entry[1] += 1
+            timeline.append((evt.time_range.start, evt.time_range.end, evt.name[:60]))
+        else:
+            host.append((evt.time_range.start, evt.time_range.end, evt.name[:60]))
     busy = sum(v[0] for v in kernels.values()) / steps
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
     return {"wall_ms_per_step": start.elapsed_time(end) / steps, "kernel_ms_per_step": busy,
             "kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
-            "top": [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in ranked]}
+            "top": [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in ranked],
+            "gaps": idle_gaps(timeline, host, steps), "host": host_per_step(timeline, host)}
 
 
-def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int = 3) -> dict:
+def host_per_step(timeline: list, host: list) -> dict:
+    """The host's time per step (the ``benchmark_step`` ranges) and how long after each step began
+    its first kernel started (what a loop that waits for every step pays before the GPU works)."""
+    steps = sorted((s, e) for s, e, n in host if n == "benchmark_step")
+    starts = sorted(s for s, _, _ in timeline)
+    latency = []
+    for s, _ in steps:
+        first = next((k for k in starts if k >= s), None)
+        if first is not None:
+            latency.append((first - s) / 1e3)
+    return {"host_ms_per_step": [(e - s) / 1e3 for s, e in steps], "first_kernel_after_ms": latency}
+
+
+def idle_gaps(timeline: list, host: list, steps: int, top: int = 12) -> dict:
+    """Where the GPU waits between kernels (µs, profiler clock): the total per step and the largest
+    gaps, each with the kernels around it and the host calls that began inside it (what the host
+    was doing while the GPU had nothing queued)."""
+    timeline.sort()
+    gaps, end = [], None
+    for start, stop, name in timeline:
+        if end is not None and start > end[0]:
+            gaps.append((start - end[0], end[0], start, end[1], name))
+        if end is None or stop > end[0]:
+            end = (stop, name)
+    largest = sorted(gaps, reverse=True)[:top]
+    rows = []
+    for length, lo, hi, before, after in largest:
+        began = sorted(((e - s, n) for s, e, n in host if lo <= s < hi), reverse=True)[:4]
+        rows.append({"us": length, "after": before, "before": after,
+                     "host_calls": [f"{n} ({d:.0f} us)" for d, n in began]})
+    return {"idle_ms_per_step": sum(g[0] for g in gaps) / steps / 1e3,
+            "gaps_over_20us_per_step": sum(1 for g in gaps if g[0] > 20) / steps,
+            "idle_ms_in_gaps_over_20us_per_step": sum(g[0] for g in gaps if g[0] > 20) / steps / 1e3,
+            "largest": rows}
+
+
+def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int = 3, modes=("eager", "static_compiled"),
+               profile: bool = False) -> dict:
     """Mixed-task batch through the task-routed AsymLoRA against the merged single-task model:
-    ``rounds`` alternations of ``repeat`` timed calls each, medians."""
+    ``rounds`` alternations of ``repeat`` timed calls each, medians. Under the static cache a third
+    side runs the mixed batch with the routed factors copied into the CUDA graphs at every replay
+    (``STATIC_GENERATION_FACTORS`` off), what it was before they were kept at fixed addresses."""
+    from asymlora.adapters import layer as layer_module
+
     base = build_base(shape)
     model = get_model(base, AsymLoraConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS))
     with torch.no_grad():
@@ -138,35 +184,79 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
     task_ids = torch.arange(b, device="cuda") % 3
     args = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, do_sample=False)
+
+    def side(name: str, call):
+        def enter():
+            layer_module.STATIC_GENERATION_FACTORS = name != "mixed_copied"
+            if name == "merged":  # merging in place keeps the weights' addresses: compiled graphs stay valid
+                model.merge(0)
+
+        def leave():
+            layer_module.STATIC_GENERATION_FACTORS = True
+            model.unmerge()
+        return enter, call, leave
+
     result = {}
-    for mode in ("eager", "static_compiled"):
+    for mode in modes:
         extra = {} if mode == "eager" else {"cache_implementation": "static"}
         mixed_call = lambda: model.generate(**args, **extra, task_ids=task_ids)  # noqa: E731
         merged_call = lambda: model.generate(**args, **extra)  # noqa: E731
+        names = ["mixed", "merged"] + (["mixed_copied"] if mode != "eager" else [])
+        sides = {n: side(n, merged_call if n == "merged" else mixed_call) for n in names}
+        times = {n: [] for n in names}
         try:
-            # Generation is host-bound and its timings drift: the two sides alternate in rounds
-            # (merging in place keeps the weights' addresses, so compiled graphs stay valid).
-            mixed, merged = [], []
+            # Generation is host-bound and its timings drift: the sides alternate in rounds.
             for round_ in range(rounds):
-                mixed += time_cuda(mixed_call, warmup=2 if round_ == 0 else 0, repeat=repeat)
-                model.merge(0)
-                try:
-                    merged += time_cuda(merged_call, warmup=2 if round_ == 0 else 0, repeat=repeat)
-                finally:
-                    model.unmerge()
+                for n, (enter, call, leave) in sides.items():
+                    enter()
+                    try:
+                        times[n] += time_cuda(call, warmup=2 if round_ == 0 else 0, repeat=repeat)
+                    finally:
+                        leave()
         except Exception as err:  # reported, not fatal
             result[mode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             continue
         tok = b * new_tokens
-        result[mode] = {"mixed_tokens_per_s": tok / median(mixed) * 1e3, "merged_tokens_per_s": tok / median(merged) * 1e3,
-                        "ratio": median(merged) / median(mixed), "mixed_ms": mixed, "merged_ms": merged}
-        print(f"generation {mode}: { {k: v for k, v in result[mode].items() if not k.endswith('_ms')} }", flush=True)
+        entry = {f"{n}_tokens_per_s": tok / median(t) * 1e3 for n, t in times.items()}
+        entry["ratio"] = median(times["merged"]) / median(times["mixed"])
+        if "mixed_copied" in times:
+            entry["ratio_copied"] = median(times["merged"]) / median(times["mixed_copied"])
+        entry.update({f"{n}_ms": t for n, t in times.items()})
+        if profile:
+            entry["host_profile"] = {}
+            for n, (enter, call, leave) in sides.items():
+                enter()
+                try:
+                    entry["host_profile"][n] = host_profile(call)
+                finally:
+                    leave()
+        result[mode] = entry
+        print(f"generation {mode}: { {k: v for k, v in entry.items() if not k.endswith('_ms')} }", flush=True)
     ok = {m: r for m, r in result.items() if "ratio" in r}
     if ok:  # each side at its faster mode
         mixed_best = max(r["mixed_tokens_per_s"] for r in ok.values())
         merged_best = max(r["merged_tokens_per_s"] for r in ok.values())
         result.update(mixed_tokens_per_s=mixed_best, merged_tokens_per_s=merged_best, ratio=mixed_best / merged_best)
     return result
+
+
+def host_profile(call, top: int = 15) -> dict:
+    """One call under the profiler: wall time, kernel time and count, and the host's largest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ranked = sorted(averages, key=lambda a: -a.self_cpu_time_total)[:top]
+    return {"wall_ms": start.elapsed_time(end), "kernel_ms": sum(k.device_time for k in kernels) / 1e3,
+            "kernels": len(kernels),
+            "host_self": [{"op": a.key[:70], "self_ms": a.self_cpu_time_total / 1e3, "calls": a.count} for a in ranked]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--generation", action="store_true")
+    parser.add_argument("--generation-modes", nargs="*", default=["eager", "static_compiled"],
+                        choices=["eager", "static_compiled"])
+    parser.add_argument("--generation-profile", action="store_true", help="profile one call of each side")
     parser.add_argument("--profile", nargs="*", default=[], help="variants to profile (kernel time vs wall time)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--name", default="step_time")
@@ -236,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["best"]["ratio_to_floor"] = row["best"]["ms"] / floor
         entry = {"shape": shape, "variants": rows}
         if args.generation:
-            entry["generation"] = generation(shape)
+            entry["generation"] = generation(shape, modes=args.generation_modes, profile=args.generation_profile)
         payload["results"][str(size)] = entry
         print(table(size, entry), flush=True)
     path = write_results(args.name, payload, args.out)

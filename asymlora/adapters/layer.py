@@ -10,6 +10,10 @@ from torch import Tensor, nn
 from ..kernels import LowRankMember, lowrank_linear_group, routed_matrices
 from .routing import RoutingContext
 
+# generate() keeps each layer's routed factors at fixed addresses (see AdapterLayer._static_factor);
+# benchmarks/step_time.py switches it off to measure what it is worth.
+STATIC_GENERATION_FACTORS = True
+
 
 class AdapterLayer(nn.Module):
     """Wraps a frozen ``nn.Linear``: ``y = W x + delta(x)``; subclasses define ``delta``.
@@ -37,6 +41,7 @@ class AdapterLayer(nn.Module):
         # output, keyed by the input itself, for when it is called.
         self.siblings: tuple[AdapterLayer, ...] = ()
         self._pending: tuple[Tensor, Tensor] | None = None
+        self._generation_buffers: dict[str, Tensor] = {}  # generate()'s factors, at fixed addresses
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
@@ -160,9 +165,24 @@ class AdapterLayer(nn.Module):
             if routed is None:
                 return None
             a, b = routed_matrices(*routed, self._fused_dtype(x))
-            factors = (a, b * self.scaling, None, None)
+            factors = (self._static_factor("a", a), self._static_factor("b", b * self.scaling), None, None)
             cache[key] = factors
         return factors
+
+    def _static_factor(self, name: str, value: Tensor) -> Tensor:
+        """``value`` copied into a buffer the layer keeps from one ``generate`` call to the next
+        (one per name, replaced when the shape changes) and marks static for torch.compile: the
+        decode step's CUDA graphs then read the factors where they lie, instead of copying them
+        into the graph's own input buffers at every replay (every generated token)."""
+        if not STATIC_GENERATION_FACTORS:
+            return value
+        buffers = self._generation_buffers
+        buf = buffers.get(name)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+            buf = torch.empty_like(value, memory_format=torch.contiguous_format)
+            torch._dynamo.mark_static_address(buf)
+            buffers[name] = buf
+        return buf.copy_(value)
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,

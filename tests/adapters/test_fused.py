@@ -419,3 +419,25 @@ def test_a_forward_that_raises_between_siblings_leaves_the_group_intact():
     reference = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=False))
     _randomize(reference, 8)
     torch.testing.assert_close(logits, reference(input_ids=ids, task_ids=task_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_keeps_routed_factors_at_fixed_addresses_with_fresh_contents(monkeypatch):
+    """generate() copies each call's factors into buffers the layer keeps (marked static for
+    torch.compile, so CUDA graphs read them in place): the addresses stay from call to call while
+    the contents follow the call's task ids, and the tokens equal those of uncached factors."""
+    from asymlora.adapters import layer as layer_module
+
+    ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(3))
+    model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task")).eval()
+    _randomize(model, 5)
+    q = model.base_model.model.layers[0].self_attn.q_proj
+    args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    first = model.generate(input_ids=ids, task_ids=torch.tensor([2, 0, 1]), **args)
+    buffers = dict(q._generation_buffers)
+    assert set(buffers) == {"a", "b"} and all(hasattr(t, "_dynamo_static_input_type") for t in buffers.values())
+    second = model.generate(input_ids=ids, task_ids=torch.tensor([1, 1, 0]), **args)
+    assert all(q._generation_buffers[k] is buffers[k] for k in buffers)  # the same tensors: same addresses
+    torch.testing.assert_close(buffers["b"], q.expert_b.detach()[torch.tensor([1, 1, 0])] * q.scaling)
+    monkeypatch.setattr(layer_module, "STATIC_GENERATION_FACTORS", False)
+    assert torch.equal(model.generate(input_ids=ids, task_ids=torch.tensor([2, 0, 1]), **args), first)
+    assert torch.equal(model.generate(input_ids=ids, task_ids=torch.tensor([1, 1, 0]), **args), second)
