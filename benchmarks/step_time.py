@@ -111,6 +111,7 @@ def profile_steps(step, steps: int = 3, top: int = 15) -> dict:
         for _ in range(steps):
             with record_function("benchmark_step"):
                 step()
+            torch.cuda.synchronize()  # as the timed loop does: each step's launch latency shows
         end.record()
         torch.cuda.synchronize()
     kernels, timeline, host = {}, [], []
@@ -127,7 +128,10 @@ def profile_steps(step, steps: int = 3, top: int = 15) -> dict:
     return {"wall_ms_per_step": start.elapsed_time(end) / steps, "kernel_ms_per_step": busy,
             "kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
             "top": [{"kernel": k, "ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in ranked],
-            "gaps": idle_gaps(timeline, host, steps), "host": host_per_step(timeline, host)}
+            "gaps": idle_gaps(timeline, host, steps), "host": host_per_step(timeline, host),
+            "host_self": [{"op": a.key[:70], "self_ms_per_step": a.self_cpu_time_total / 1e3 / steps,
+                           "calls_per_step": a.count / steps}
+                          for a in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:20]]}
 
 
 def host_per_step(timeline: list, host: list) -> dict:
@@ -169,11 +173,7 @@ def idle_gaps(timeline: list, host: list, steps: int, top: int = 12) -> dict:
 def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int = 3, modes=("eager", "static_compiled"),
                profile: bool = False) -> dict:
     """Mixed-task batch through the task-routed AsymLoRA against the merged single-task model:
-    ``rounds`` alternations of ``repeat`` timed calls each, medians. Under the static cache a third
-    side runs the mixed batch with the routed factors copied into the CUDA graphs at every replay
-    (``STATIC_GENERATION_FACTORS`` off), what it was before they were kept at fixed addresses."""
-    from asymlora.adapters import layer as layer_module
-
+    ``rounds`` alternations of ``repeat`` timed calls each, medians."""
     base = build_base(shape)
     model = get_model(base, AsymLoraConfig(r=32, num_experts=3, routing="task", target_modules=TARGETS))
     with torch.no_grad():
@@ -187,12 +187,10 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
 
     def side(name: str, call):
         def enter():
-            layer_module.STATIC_GENERATION_FACTORS = name != "mixed_copied"
             if name == "merged":  # merging in place keeps the weights' addresses: compiled graphs stay valid
                 model.merge(0)
 
         def leave():
-            layer_module.STATIC_GENERATION_FACTORS = True
             model.unmerge()
         return enter, call, leave
 
@@ -201,7 +199,7 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
         extra = {} if mode == "eager" else {"cache_implementation": "static"}
         mixed_call = lambda: model.generate(**args, **extra, task_ids=task_ids)  # noqa: E731
         merged_call = lambda: model.generate(**args, **extra)  # noqa: E731
-        names = ["mixed", "merged"] + (["mixed_copied"] if mode != "eager" else [])
+        names = ["mixed", "merged"]
         sides = {n: side(n, merged_call if n == "merged" else mixed_call) for n in names}
         times = {n: [] for n in names}
         try:
@@ -219,8 +217,6 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
         tok = b * new_tokens
         entry = {f"{n}_tokens_per_s": tok / median(t) * 1e3 for n, t in times.items()}
         entry["ratio"] = median(times["merged"]) / median(times["mixed"])
-        if "mixed_copied" in times:
-            entry["ratio_copied"] = median(times["merged"]) / median(times["mixed_copied"])
         entry.update({f"{n}_ms": t for n, t in times.items()})
         if profile:
             entry["host_profile"] = {}

@@ -38,7 +38,7 @@ from .config import DEFAULT_MODULES_TO_SAVE, AdapterConfig, ConfigError
 from .layer import AdapterLayer
 from .lora_moe import LoraMoeConfig, LoraMoeLinear
 from .mix_lora import MixLoraConfig, MixLoraLinear
-from .routing import RoutingContext
+from .routing import RoutingContext, RoutingSource
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,7 +164,7 @@ class AdapterModel(nn.Module):
         _check_fits_in_memory(base_model, config)
         self.base_model = base_model
         self.config = config
-        self._context = RoutingContext()
+        self._routing_source = RoutingSource(RoutingContext())
         self._loss_parts: dict[str, Tensor] = {}
         layer_cls = METHODS[config.method][1]
         for p in base_model.parameters():
@@ -176,7 +176,7 @@ class AdapterModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
             layer = layer_cls(getattr(parent, child), config, name)
-            layer.register_forward_pre_hook(self._routing_pre_hook, with_kwargs=True)
+            layer.routing_source = self._routing_source
             setattr(parent, child, layer)
             self.adapter_layers[name] = layer
         if config.fast_path and config.group_siblings:
@@ -185,8 +185,9 @@ class AdapterModel(nn.Module):
             base_model.get_submodule(name).requires_grad_(True)
 
     # ----------------------------------------------------------------- routing inputs
-    def _routing_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "routing": self._context}
+    @property
+    def _context(self) -> RoutingContext:
+        return self._routing_source.context
 
     @property
     def task_names(self) -> list[str] | None:
@@ -224,14 +225,12 @@ class AdapterModel(nn.Module):
         self._check_task_ids(task_ids, batch)
         if task_ids is not None and isinstance(inputs, Tensor):
             task_ids = task_ids.to(inputs.device)  # checked on the host first, moved once per forward
-        for layer in self.adapter_layers.values():  # siblings' outputs live within one forward: none
-            layer._pending = None  # is left over from a forward that raised before they were taken
         old = self._context
         mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
         pool_mask = None
         if isinstance(labels, Tensor) and isinstance(ids, Tensor) and labels.shape == ids.shape:
             pool_mask = (labels == -100) & (mask.bool() if isinstance(mask, Tensor) else True)
-        self._context = RoutingContext(
+        self._routing_source.context = RoutingContext(
             task_ids=task_ids,
             attention_mask=mask,
             pool_mask=pool_mask,

@@ -8,11 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import LowRankMember, lowrank_linear_group, routed_matrices
-from .routing import RoutingContext
-
-# generate() keeps each layer's routed factors at fixed addresses (see AdapterLayer._static_factor);
-# benchmarks/step_time.py switches it off to measure what it is worth.
-STATIC_GENERATION_FACTORS = True
+from .routing import RoutingContext, RoutingSource
 
 
 class AdapterLayer(nn.Module):
@@ -38,10 +34,11 @@ class AdapterLayer(nn.Module):
         self._unmerged_weight: Tensor | None = None
         # Adapted linears of the same module that read the same input (AdapterModel sets them):
         # the first one called on an input computes all of theirs in one op and leaves each its
-        # output, keyed by the input itself, for when it is called.
+        # output, keyed by the input itself, in the forward's routing context for when it is called.
         self.siblings: tuple[AdapterLayer, ...] = ()
-        self._pending: tuple[Tensor, Tensor] | None = None
-        self._generation_buffers: dict[str, Tensor] = {}  # generate()'s factors, at fixed addresses
+        # Where this layer reads the current forward's routing inputs when the caller passes none
+        # (AdapterModel sets one source for all its layers and updates it at every forward).
+        self.routing_source: RoutingSource | None = None
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
@@ -56,24 +53,19 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor, routing: RoutingContext | None = None) -> Tensor:
         if self.merged_task is not None:
             return self.base_layer(x)
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            if pending[0] is x:  # a sibling called first on this very input computed it
-                return pending[1]
-            self._leave_group()
-        spec = self._fused_spec(x, routing) if self._fusable(x) else None
+        if routing is None and self.routing_source is not None:
+            routing = self.routing_source.context
+        if self.siblings and routing is not None:
+            handed = routing.handover.pop(self.name, None)
+            if handed is not None:
+                if handed[0] is x:  # a sibling called first on this very input computed it
+                    return handed[1]
+                self._leave_group()
+        spec = self._fused_spec(x, routing)
         if spec is not None:
             return self._fused_with_siblings(x, spec, routing)
         result = self.base_layer(x)
         return result + self.delta(x, routing).to(result.dtype)
-
-    def _adapter_dropout_active(self) -> bool:
-        return isinstance(self.dropout, nn.Dropout) and self.training
-
-    def _groupable(self, x: Tensor) -> bool:
-        """Whether this layer's output on ``x`` can be computed by a sibling's op."""
-        return self.merged_task is None and self._fusable(x) and not self._adapter_dropout_active()
 
     def _leave_group(self) -> None:
         """Called on another input than the one a sibling computed for: the declared group does not
@@ -82,28 +74,40 @@ class AdapterLayer(nn.Module):
         warnings.warn(f"{self.name}: its siblings {[s.name for s in self.siblings]} do not read the same input; "
                       "running them one op each", stacklevel=3)
         for layer in (self, *self.siblings):
-            layer.siblings, layer._pending = (), None
+            layer.siblings = ()
 
     def _fused_with_siblings(self, x: Tensor, spec: tuple, routing: RoutingContext | None) -> Tensor:
+        """This layer's output, and, when it has siblings that read the same x, theirs in the same op:
+        each is left in the forward's ``routing.handover`` under its name, keyed by x itself."""
         member, scaling, x_adapter = spec
         members, takers = [member], []
-        if x_adapter is None:
-            for sibling in self.siblings:
-                if sibling._groupable(x):
+        if x_adapter is None and routing is not None:
+            for sibling in self.siblings:  # a sibling under dropout (its own x_a) or merged runs alone
+                if sibling.merged_task is None and not (sibling.training and isinstance(sibling.dropout, nn.Dropout)):
                     sibling_spec = sibling._fused_spec(x, routing)
                     if sibling_spec is not None and sibling_spec[1] == scaling:
                         members.append(sibling_spec[0])
-                        takers.append(sibling)
-        outs = self._fused(x, members, scaling, x_adapter)
-        for sibling, out in zip(takers, outs[1:]):
-            sibling._pending = (x, out)
+                        takers.append(sibling.name)
+        outs = _run_fused(x, members, scaling, x_adapter)
+        for name, out in zip(takers, outs[1:]):
+            routing.handover[name] = (x, out)
         return outs[0]
 
     def _fused_spec(self, x: Tensor, routing: RoutingContext | None) -> tuple | None:
-        """``(LowRankMember, scaling, x_adapter)`` for the fused op, or None where it does not apply."""
-        factors, scaling, gate = self._generation_factors(x, routing), 1.0, None  # already scaled
+        """``(LowRankMember, scaling, x_adapter)`` for the fused op (kernels.lowrank_linear), or None
+        where it does not apply. It applies on the fast path, with adapter math in the input's dtype
+        (or autocast's), to a plain base linear (no hooks, e.g. accelerate's offloading, that calling
+        its weight directly would bypass), once routing gives one update per sample (or a gate)."""
+        base = self.base_layer
+        if (not (self.fast_path and self.compute_in_input_dtype and x.dim() == 3)
+                or base._forward_hooks or base._forward_pre_hooks
+                or not (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))):
+            return None
+        factors, scaling, gate = None, self.scaling, None
+        if routing is not None and routing.pooled_cache is not None:
+            factors = self._generation_factors(x, routing)
+            scaling = 1.0 if factors is not None else scaling  # generation's factors are already scaled
         if factors is None:
-            scaling = self.scaling
             factors = self.routed_factors(x, routing)
             if factors is None:
                 gated = self.gated_factors(x, routing)
@@ -111,39 +115,8 @@ class AdapterLayer(nn.Module):
                     return None
                 factors, gate = (gated[0], gated[1], None, None), gated[2]
         a, b, a_index, b_index = factors
-        x_adapter = self.dropout(x) if self._adapter_dropout_active() else None
-        base = self.base_layer
+        x_adapter = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
         return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), scaling, x_adapter
-
-    def _fusable(self, x: Tensor) -> bool:
-        """Whether the frozen linear and the update can run as one op (kernels.lowrank_linear): the
-        fast path, adapter math in the input's dtype (or autocast's), and a plain base linear (no
-        hooks, e.g. accelerate's offloading, that calling its weight directly would bypass)."""
-        base = self.base_layer
-        same_dtype = x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type)
-        return (self.fast_path and self.compute_in_input_dtype and x.dim() == 3 and same_dtype
-                and not base._forward_hooks and not base._forward_pre_hooks)
-
-    @staticmethod
-    def _fused_dtype(x: Tensor) -> torch.dtype:
-        """The dtype the fused op runs in: autocast's when it is on (as for F.linear), else x's."""
-        device = x.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-    def _fused(self, x: Tensor, members: list[LowRankMember], scaling: float,
-               x_adapter: Tensor | None) -> list[Tensor]:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # Operands go to autocast's dtype; the op itself runs with autocast off (its in-place
-            # accumulation needs one dtype; it casts the factors).
-            dtype = self._fused_dtype(x)
-            x = x.to(dtype)
-            members = [m._replace(weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
-                       for m in members]
-            x_adapter = None if x_adapter is None else x_adapter.to(dtype)
-            with torch.autocast(device, enabled=False):
-                return lowrank_linear_group(x, members, scaling, x_adapter)
-        return lowrank_linear_group(x, members, scaling, x_adapter)
 
     def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
@@ -164,25 +137,10 @@ class AdapterLayer(nn.Module):
             routed = self.routed_factors(x, ctx)
             if routed is None:
                 return None
-            a, b = routed_matrices(*routed, self._fused_dtype(x))
-            factors = (self._static_factor("a", a), self._static_factor("b", b * self.scaling), None, None)
+            a, b = routed_matrices(*routed, _fused_dtype(x))
+            factors = (a, b * self.scaling, None, None)
             cache[key] = factors
         return factors
-
-    def _static_factor(self, name: str, value: Tensor) -> Tensor:
-        """``value`` copied into a buffer the layer keeps from one ``generate`` call to the next
-        (one per name, replaced when the shape changes) and marks static for torch.compile: the
-        decode step's CUDA graphs then read the factors where they lie, instead of copying them
-        into the graph's own input buffers at every replay (every generated token)."""
-        if not STATIC_GENERATION_FACTORS:
-            return value
-        buffers = self._generation_buffers
-        buf = buffers.get(name)
-        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
-            buf = torch.empty_like(value, memory_format=torch.contiguous_format)
-            torch._dynamo.mark_static_address(buf)
-            buffers[name] = buf
-        return buf.copy_(value)
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,
@@ -232,3 +190,25 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scaling={self.scaling:g}"
+
+
+def _fused_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the fused op runs in: autocast's when it is on (as for F.linear), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None) -> list[Tensor]:
+    """The group op on ``x``; under autocast its operands go to autocast's dtype and the op runs with
+    autocast off (its in-place accumulation needs one dtype; it casts the factors itself)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = _fused_dtype(x)
+        x = x.to(dtype)
+        members = [m._replace(weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
+                   for m in members]
+        x_adapter = None if x_adapter is None else x_adapter.to(dtype)
+        with torch.autocast(device, enabled=False):
+            return lowrank_linear_group(x, members, scaling, x_adapter)
+    return lowrank_linear_group(x, members, scaling, x_adapter)
+

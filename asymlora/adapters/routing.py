@@ -21,9 +21,22 @@ GRANULARITIES = ("token", "instance")
 LOAD_BALANCING = ("switch", "mole", "none")
 
 
+class RoutingSource:
+    """Where an AdapterModel's layers find the current forward's :class:`RoutingContext`: one
+    object shared by all of them, its ``context`` replaced at every forward. (A forward pre-hook per
+    layer did this before; under torch.compile each hook added guards that are evaluated before
+    every compiled call.)"""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: "RoutingContext | None" = None) -> None:
+        self.context = context
+
+
 @dataclass
 class RoutingContext:
-    """Per-forward inputs and outputs of routing, carried to every adapter layer by pre-hooks.
+    """Per-forward inputs and outputs of routing, read by every adapter layer from the model's
+    :class:`RoutingSource`.
 
     task_ids: (batch,) long, or None. attention_mask: (batch, seq) of the *input* sequence, used
     for instance pooling and to keep padding out of losses and statistics.
@@ -33,6 +46,9 @@ class RoutingContext:
     pool_mask: (batch, seq), the positions instance routing averages: in training the prompt
     only (attention mask and labels == -100), so the router never sees the answer it will not
     have at inference; None means the attention mask.
+    handover: outputs a layer computed for its siblings (q for k and v), by the sibling's name, as
+    ``(input, output)``; a sibling takes its own when called on that very input. They live as long
+    as the forward: a forward that raises between q and k leaves nothing behind.
     """
 
     task_ids: Tensor | None = None
@@ -45,6 +61,7 @@ class RoutingContext:
     stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     collect_selections: bool = False
     selections: dict[str, Tensor] = field(default_factory=dict)
+    handover: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def add_aux_loss(self, kind: str, value: Tensor) -> None:
         # Gradient-checkpointing recomputation re-runs layers after forward returned: not recorded.

@@ -8,6 +8,7 @@ import torch
 
 from asymlora import AsymLoraConfig, LoraMoeConfig, MixLoraConfig, get_model
 from asymlora.adapters import layer as layer_module
+from asymlora.adapters.routing import RoutingContext
 from asymlora.kernels import (LowRankMember, lowrank_linear, lowrank_linear_group, lowrank_linear_group_reference,
                               lowrank_linear_reference)
 from tests.conftest import tiny_llama
@@ -381,7 +382,7 @@ def test_sibling_groups_equal_one_op_per_linear(setting):
                 m.siblings = tuple(o for o in members if o is not m)
             with pytest.warns(UserWarning, match="do not read the same input"):
                 runs.append(_train_step(model, ids, task_ids))
-            assert attn.q_proj.siblings == () and attn.o_proj._pending is None
+            assert attn.q_proj.siblings == () and not model.routing_context.handover
             model.zero_grad(set_to_none=True)
         runs.append(_train_step(model, ids, task_ids))
         if group and setting == "compiled":
@@ -389,7 +390,7 @@ def test_sibling_groups_equal_one_op_per_linear(setting):
             runs.append(_train_step(model, ids, task_ids))  # the compiled graph, replayed
     for run in runs[1:]:
         _assert_same_step(run, runs[0])
-    assert all(layer._pending is None for layer in model.adapter_layers.values())
+    assert not model.routing_context.handover  # every handed-over output was taken
 
 
 def test_a_forward_that_raises_between_siblings_leaves_the_group_intact():
@@ -409,7 +410,7 @@ def test_a_forward_that_raises_between_siblings_leaves_the_group_intact():
     attn.k_proj.forward = fail
     with pytest.raises(RuntimeError, match="interrupted"):
         model(input_ids=ids, task_ids=task_ids)
-    assert attn.k_proj._pending is not None  # left behind by the interrupted forward
+    assert "model.layers.0.self_attn.k_proj" in model.routing_context.handover  # the interrupted forward's
     attn.k_proj.forward = real
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -421,23 +422,18 @@ def test_a_forward_that_raises_between_siblings_leaves_the_group_intact():
     torch.testing.assert_close(logits, reference(input_ids=ids, task_ids=task_ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_generation_keeps_routed_factors_at_fixed_addresses_with_fresh_contents(monkeypatch):
-    """generate() copies each call's factors into buffers the layer keeps (marked static for
-    torch.compile, so CUDA graphs read them in place): the addresses stay from call to call while
-    the contents follow the call's task ids, and the tokens equal those of uncached factors."""
-    from asymlora.adapters import layer as layer_module
-
-    ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(3))
-    model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task")).eval()
-    _randomize(model, 5)
-    q = model.base_model.model.layers[0].self_attn.q_proj
-    args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    first = model.generate(input_ids=ids, task_ids=torch.tensor([2, 0, 1]), **args)
-    buffers = dict(q._generation_buffers)
-    assert set(buffers) == {"a", "b"} and all(hasattr(t, "_dynamo_static_input_type") for t in buffers.values())
-    second = model.generate(input_ids=ids, task_ids=torch.tensor([1, 1, 0]), **args)
-    assert all(q._generation_buffers[k] is buffers[k] for k in buffers)  # the same tensors: same addresses
-    torch.testing.assert_close(buffers["b"], q.expert_b.detach()[torch.tensor([1, 1, 0])] * q.scaling)
-    monkeypatch.setattr(layer_module, "STATIC_GENERATION_FACTORS", False)
-    assert torch.equal(model.generate(input_ids=ids, task_ids=torch.tensor([2, 0, 1]), **args), first)
-    assert torch.equal(model.generate(input_ids=ids, task_ids=torch.tensor([1, 1, 0]), **args), second)
+def test_layers_read_routing_from_the_model_without_hooks():
+    """The layers find each forward's routing context through the model's one RoutingSource (no
+    forward pre-hook per layer: under torch.compile each hook's guards ran before every call), and a
+    layer called directly with an explicit context uses that one."""
+    model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task"))
+    _randomize(model, 2)
+    layers = list(model.adapter_layers.values())
+    assert all(not layer._forward_pre_hooks and layer.routing_source is model._routing_source for layer in layers)
+    ids = torch.randint(1, 90, (2, 5), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids, task_ids=torch.tensor([1, 2]))
+    assert model.routing_context is model._routing_source.context and not model.routing_context.handover
+    x = torch.randn(2, 5, layers[0].in_features)
+    ctx = RoutingContext(task_ids=torch.tensor([0, 0]))
+    expected = layers[0].base_layer(x) + layers[0].scaling * (x @ layers[0].shared_a.T) @ layers[0].expert_b[0].T
+    torch.testing.assert_close(layers[0](x, routing=ctx), expected, rtol=1e-4, atol=1e-5)
