@@ -3,10 +3,11 @@
 - Target linears are found with PEFT's own matcher (``check_target_module_exists``), so
   ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` mean what they mean in PEFT.
 - Per-sample inputs (``task_ids``, the attention mask for instance pooling) reach the layers one
-  way only, as in PEFT's Poly: a forward pre-hook on every adapter layer adds the wrapper's current
-  :class:`RoutingContext` to the layer's keyword arguments. The context is set by the wrapper's
-  ``forward`` / ``generate`` and stays until the next call, so gradient-checkpointing
-  recomputation in the backward pass routes exactly as the forward did.
+  way only, as in PEFT's Poly (which uses a forward pre-hook per layer): the wrapper's current
+  :class:`RoutingContext` sits in one :class:`RoutingSource` that every adapter layer holds (no
+  hook: under torch.compile each hook's guards were evaluated before every call). The context is
+  set by the wrapper's ``forward`` / ``generate`` and stays until the next call, so
+  gradient-checkpointing recomputation in the backward pass routes exactly as the forward did.
 - Files: ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT-style keys
   (``base_model.model.<module>.<tensor>``), written atomically; adapters load from safetensors only
   (never a pickle), and the file's header (names, shapes, dtypes) is checked against what the config

@@ -211,4 +211,3 @@ def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapte
         with torch.autocast(device, enabled=False):
             return lowrank_linear_group(x, members, scaling, x_adapter)
     return lowrank_linear_group(x, members, scaling, x_adapter)
-

@@ -1,4 +1,4 @@
-"""The wrapper: task_ids through pre-hooks, mixed batches, save/load, merge, export, counts, errors."""
+"""The wrapper: task_ids to the layers, mixed batches, save/load, merge, export, counts, errors."""
 
 import copy
 import json
