@@ -190,32 +190,28 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
     args = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, do_sample=False)
 
-    def side(name: str, call):
-        def enter():
-            if name == "merged":  # merging in place keeps the weights' addresses: compiled graphs stay valid
-                model.merge(0)
-
-        def leave():
-            model.unmerge()
-        return enter, call, leave
+    def on_side(name: str, run):
+        """``run()`` with the model merged for task 0 on the merged side (merging in place keeps the
+        weights' addresses: compiled graphs stay valid)."""
+        if name == "merged":
+            model.merge(0)
+        try:
+            return run()
+        finally:
+            model.unmerge()  # a no-op on the mixed side
 
     result = {}
     for mode in modes:
         extra = {} if mode == "eager" else {"cache_implementation": "static"}
         mixed_call = lambda: model.generate(**args, **extra, task_ids=task_ids)  # noqa: E731
         merged_call = lambda: model.generate(**args, **extra)  # noqa: E731
-        names = ["mixed", "merged"]
-        sides = {n: side(n, merged_call if n == "merged" else mixed_call) for n in names}
-        times = {n: [] for n in names}
+        calls = {"mixed": mixed_call, "merged": merged_call}
+        times = {n: [] for n in calls}
         try:
             # Generation is host-bound and its timings drift: the sides alternate in rounds.
             for round_ in range(rounds):
-                for n, (enter, call, leave) in sides.items():
-                    enter()
-                    try:
-                        times[n] += time_cuda(call, warmup=2 if round_ == 0 else 0, repeat=repeat)
-                    finally:
-                        leave()
+                for n, call in calls.items():
+                    times[n] += on_side(n, lambda: time_cuda(call, warmup=2 if round_ == 0 else 0, repeat=repeat))
         except Exception as err:  # reported, not fatal
             result[mode] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             continue
@@ -223,14 +219,8 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
         entry = {f"{n}_tokens_per_s": tok / median(t) * 1e3 for n, t in times.items()}
         entry["ratio"] = median(times["merged"]) / median(times["mixed"])
         entry.update({f"{n}_ms": t for n, t in times.items()})
-        if profile:
-            entry["host_profile"] = {}
-            for n, (enter, call, leave) in sides.items():
-                enter()
-                try:
-                    entry["host_profile"][n] = host_profile(call)
-                finally:
-                    leave()
+        if profile:  # one call a side, profiled as a training step is
+            entry["host_profile"] = {n: on_side(n, lambda: profile_steps(call, steps=1)) for n, call in calls.items()}
         result[mode] = entry
         print(f"generation {mode}: { {k: v for k, v in entry.items() if not k.endswith('_ms')} }", flush=True)
     ok = {m: r for m, r in result.items() if "ratio" in r}
@@ -239,25 +229,6 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
         merged_best = max(r["merged_tokens_per_s"] for r in ok.values())
         result.update(mixed_tokens_per_s=mixed_best, merged_tokens_per_s=merged_best, ratio=mixed_best / merged_best)
     return result
-
-
-def host_profile(call, top: int = 15) -> dict:
-    """One call under the profiler: wall time, kernel time and count, and the host's largest ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-    averages = prof.key_averages()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ranked = sorted(averages, key=lambda a: -a.self_cpu_time_total)[:top]
-    return {"wall_ms": start.elapsed_time(end), "kernel_ms": sum(k.device_time for k in kernels) / 1e3,
-            "kernels": len(kernels),
-            "host_self": [{"op": a.key[:70], "self_ms": a.self_cpu_time_total / 1e3, "calls": a.count} for a in ranked]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,16 +118,17 @@ class AdapterLayer(nn.Module):
         x_adapter = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
         return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), scaling, x_adapter
 
-    def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
+    def _generation_factors(self, x: Tensor, ctx: RoutingContext) -> tuple | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
         routing decided on the prompt), each sample's ``(A, s·B)`` is selected and cast once and
         reused by every decode step.
 
         The prefill fills the cache eagerly (transformers compiles the decode steps only, with
         CUDA graphs, under a static cache); compiled decode steps read it, so the graph they replay
-        holds two GEMMs per linear and no selection or cast. Nothing is cached while compiling."""
-        cache = None if ctx is None else ctx.pooled_cache
-        if cache is None or torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
+        holds two GEMMs per linear and no selection or cast. Nothing is cached while compiling.
+        Called with ``ctx.pooled_cache`` set (generate's context)."""
+        cache = ctx.pooled_cache
+        if torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
             return None
         key = f"{self.name}:factors"
         factors = cache.get(key)
