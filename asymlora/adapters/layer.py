@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..kernels import LowRankMember, lowrank_linear_group, routed_matrices
+from ..kernels import LowRankMember, lowrank_linear_group, lowrank_linear_prepared, routed_matrices, stack_factors
 from .routing import RoutingContext, RoutingSource
 
 
@@ -61,6 +61,10 @@ class AdapterLayer(nn.Module):
                 if handed[0] is x:  # a sibling called first on this very input computed it
                     return handed[1]
                 self._leave_group()
+        if routing is not None and routing.pooled_cache is not None:
+            out = self._generation_forward(x, routing)
+            if out is not None:
+                return out
         spec = self._fused_spec(x, routing)
         if spec is not None:
             return self._fused_with_siblings(x, spec, routing)
@@ -82,12 +86,10 @@ class AdapterLayer(nn.Module):
         member, scaling, x_adapter = spec
         members, takers = [member], []
         if x_adapter is None and routing is not None:
-            for sibling in self.siblings:  # a sibling under dropout (its own x_a) or merged runs alone
-                if sibling.merged_task is None and not (sibling.training and isinstance(sibling.dropout, nn.Dropout)):
-                    sibling_spec = sibling._fused_spec(x, routing)
-                    if sibling_spec is not None and sibling_spec[1] == scaling:
-                        members.append(sibling_spec[0])
-                        takers.append(sibling.name)
+            for sibling, sibling_spec in self._sibling_specs(x, routing):
+                if sibling_spec is not None and sibling_spec[1] == scaling:
+                    members.append(sibling_spec[0])
+                    takers.append(sibling.name)
         outs = _run_fused(x, members, scaling, x_adapter)
         for name, out in zip(takers, outs[1:]):
             routing.handover[name] = (x, out)
@@ -103,45 +105,64 @@ class AdapterLayer(nn.Module):
                 or base._forward_hooks or base._forward_pre_hooks
                 or not (x.dtype == base.weight.dtype or torch.is_autocast_enabled(x.device.type))):
             return None
-        factors, scaling, gate = None, self.scaling, None
-        if routing is not None and routing.pooled_cache is not None:
-            factors = self._generation_factors(x, routing)
-            scaling = 1.0 if factors is not None else scaling  # generation's factors are already scaled
+        gate = None
+        factors = self.routed_factors(x, routing)
         if factors is None:
-            factors = self.routed_factors(x, routing)
-            if factors is None:
-                gated = self.gated_factors(x, routing)
-                if gated is None:
-                    return None
-                factors, gate = (gated[0], gated[1], None, None), gated[2]
+            gated = self.gated_factors(x, routing)
+            if gated is None:
+                return None
+            factors, gate = (gated[0], gated[1], None, None), gated[2]
         a, b, a_index, b_index = factors
-        x_adapter = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
-        return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), scaling, x_adapter
+        x_adapter = self.dropout(x) if self._dropout_active() else None
+        return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), self.scaling, x_adapter
 
-    def _generation_factors(self, x: Tensor, ctx: RoutingContext) -> tuple | None:
+    def _dropout_active(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout)
+
+    def _sibling_specs(self, x: Tensor, routing: RoutingContext) -> list[tuple[AdapterLayer, tuple | None]]:
+        """Each sibling and its :meth:`_fused_spec` on x; None for one that must run alone (merged,
+        or under dropout: its adapter reads its own dropped-out x)."""
+        return [(s, None if s.merged_task is not None or s._dropout_active() else s._fused_spec(x, routing))
+                for s in self.siblings]
+
+    def _generation_forward(self, x: Tensor, ctx: RoutingContext) -> Tensor | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
-        routing decided on the prompt), each sample's ``(A, s·B)`` is selected and cast once and
-        reused by every decode step.
-
-        The prefill fills the cache eagerly (transformers compiles the decode steps only, with
-        CUDA graphs, under a static cache); compiled decode steps read it, so the graph they replay
-        holds two GEMMs per linear and no selection or cast. Nothing is cached while compiling.
-        Called with ``ctx.pooled_cache`` set (generate's context)."""
-        cache = ctx.pooled_cache
+        routing decided on the prompt), the factors of this layer and its siblings are selected,
+        cast, scaled and stacked once (by the prefill, eagerly) and every decode step reads them
+        (:func:`asymlora.kernels.lowrank_linear_prepared`): the compiled step holds no selection,
+        cast or concatenation, and two tensors a group as inputs. Nothing is cached while
+        compiling. None where it does not apply (a gate, dropout, a merged sibling, ...)."""
         if torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
             return None
-        key = f"{self.name}:factors"
-        factors = cache.get(key)
+        layers = (self, *self.siblings)
+        key = f"{self.name}:generation:{len(layers)}"
+        factors = ctx.pooled_cache.get(key)
         if factors is None or (factors[1].dim() == 3 and factors[1].shape[0] != x.shape[0]):
             if torch.compiler.is_compiling():
                 return None
-            routed = self.routed_factors(x, ctx)
-            if routed is None:
+            factors = self._generation_factors(x, ctx)
+            if factors is None:
                 return None
-            a, b = routed_matrices(*routed, _fused_dtype(x))
-            factors = (a, b * self.scaling, None, None)
-            cache[key] = factors
-        return factors
+            ctx.pooled_cache[key] = factors
+        frozen = [(layer.base_layer.weight, layer.base_layer.bias) for layer in layers]
+        outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, *factors))
+        for layer, out in zip(layers[1:], outs[1:]):
+            ctx.handover[layer.name] = (x, out)
+        return outs[0]
+
+    def _generation_factors(self, x: Tensor, ctx: RoutingContext) -> tuple[Tensor, Tensor] | None:
+        """Each member's ``(A, s·B)`` as the sample's routing selects them, stacked; None unless
+        every member runs as one routed update (no gate, no dropout, not merged)."""
+        specs = [self._fused_spec(x, ctx) if not self._dropout_active() else None]
+        specs += [spec for _, spec in self._sibling_specs(x, ctx)]
+        if any(spec is None or spec[0].gate is not None for spec in specs):
+            return None
+        dtype = _fused_dtype(x)
+        factors = []
+        for member, scaling, _ in specs:
+            a, b = routed_matrices(member.a, member.b, member.a_index, member.b_index, dtype)
+            factors.append((a, b * scaling))
+        return stack_factors(factors, x.shape[0])
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,
@@ -199,16 +220,25 @@ def _fused_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None) -> list[Tensor]:
-    """The group op on ``x``; under autocast its operands go to autocast's dtype and the op runs with
-    autocast off (its in-place accumulation needs one dtype; it casts the factors itself)."""
+def _run_autocast_free(x: Tensor, frozen: list[tuple[Tensor, Tensor | None]], op):
+    """``op(x, frozen)``; under autocast x and the frozen weights and biases go to autocast's dtype
+    and the op runs with autocast off (its in-place accumulation needs one dtype; it casts the
+    factors itself)."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = _fused_dtype(x)
-        x = x.to(dtype)
-        members = [m._replace(weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
-                   for m in members]
-        x_adapter = None if x_adapter is None else x_adapter.to(dtype)
-        with torch.autocast(device, enabled=False):
-            return lowrank_linear_group(x, members, scaling, x_adapter)
-    return lowrank_linear_group(x, members, scaling, x_adapter)
+    if not torch.is_autocast_enabled(device):
+        return op(x, frozen)
+    dtype = _fused_dtype(x)
+    frozen = [(w.to(dtype), None if bias is None else bias.to(dtype)) for w, bias in frozen]
+    with torch.autocast(device, enabled=False):
+        return op(x.to(dtype), frozen)
+
+
+def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None) -> list[Tensor]:
+    """The group op on ``x``, autocast-free (:func:`_run_autocast_free`)."""
+    if x_adapter is not None and torch.is_autocast_enabled(x.device.type):
+        x_adapter = x_adapter.to(_fused_dtype(x))
+
+    def op(x, frozen):
+        ms = [m._replace(weight=w, bias=bias) for m, (w, bias) in zip(members, frozen)]
+        return lowrank_linear_group(x, ms, scaling, x_adapter)
+    return _run_autocast_free(x, [(m.weight, m.bias) for m in members], op)

@@ -394,6 +394,65 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b:
     return lowrank_linear_group(x, [member], scaling, x_adapter)[0]
 
 
+def stack_factors(factors: Sequence[tuple[Tensor, Tensor]], batch: int) -> tuple[Tensor, Tensor] | None:
+    """The factors of linears that read the same input, each already selected, cast and scaled
+    (``A: (r, d_in)`` or ``(batch, r, d_in)``, ``B: (d_out, r)`` or ``(batch, d_out, r)``), stacked
+    for :func:`lowrank_linear_prepared`: every A's rows ``(M·r, d_in)`` and every B along d_out
+    ``(Σd_out, r)``, per sample where any member's is. None when their ranks differ."""
+    r = factors[0][1].shape[-1]
+    if any(a.shape[-2] != r or b.shape[-1] != r for a, b in factors):
+        return None
+    b_ms = [b for _, b in factors]
+    if any(b.dim() == 3 for b in b_ms) and len(b_ms) > 1:
+        b_ms = [b if b.dim() == 3 else b.expand(batch, *b.shape) for b in b_ms]
+    b_cat = b_ms[0] if len(b_ms) == 1 else torch.cat(b_ms, dim=-2)
+    return _stack_a([a for a, _ in factors], batch).contiguous(), b_cat.contiguous()
+
+
+def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | None]], a: Tensor,
+                            b: Tensor) -> list[Tensor]:
+    """Inference for linears that read the same ``x`` with factors fixed for a whole call (each
+    sample's routing decided, as in ``generate``), stacked once by :func:`stack_factors`:
+    ``y_m = x W_mᵀ + bias_m + (x A_mᵀ) B_mᵀ`` for each ``frozen[m] = (W_m, bias_m)``.
+
+    Eagerly (and for several tokens a sample) the op's GEMMs: one ``x Aᵀ`` for all members, then
+    per member the update, onto which the frozen GEMM accumulates. In a compiled decode step (one
+    token a sample) each sample's update is only ``r`` products per output, so the B products are
+    written as a sum over r that the compiler fuses with the frozen outputs' addition: one kernel
+    for the group where the GEMMs took one per member (the step is launch-bound, not GEMM-bound).
+    """
+    r = b.shape[-1]
+    sizes = [w.shape[0] for w, _ in frozen]
+    h = _times(x, a, transpose=True)  # (batch, seq, M·r)
+    if torch.compiler.is_compiling() and x.shape[1] == 1:
+        return _decode_outputs(x, frozen, h, b, sizes)
+    outs = []
+    for (w, bias), h_m, b_m in zip(frozen, h.split(r, dim=-1), b.split(sizes, dim=-2)):
+        out = _times(h_m, b_m, transpose=True)
+        if bias is not None:
+            out.add_(bias)
+        _accumulate_mm(out, x, w, transpose=True)
+        outs.append(out)
+    return outs
+
+
+def _decode_outputs(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | None]], h: Tensor, b: Tensor,
+                    sizes: list[int]) -> list[Tensor]:
+    """:func:`lowrank_linear_prepared`'s outputs as a float32 sum over r added to the frozen
+    outputs, rounded once (written for the compiler to fuse; correct eagerly too)."""
+    batch, seq, r = x.shape[0], x.shape[1], b.shape[-1]
+    frozen_out = [torch.nn.functional.linear(x, w, bias) for w, bias in frozen]
+    if len(set(sizes)) == 1:  # members of one width (q, k, v without grouped-query heads; gate, up)
+        m, d = len(sizes), sizes[0]
+        update = (h.view(batch, seq, m, 1, r).float() * b.view(-1, 1, m, d, r).float()).sum(-1)
+        return list((torch.stack(frozen_out, dim=-2).float() + update).to(x.dtype).unbind(-2))
+    outs = []
+    for y, h_m, b_m in zip(frozen_out, h.split(r, dim=-1), b.split(sizes, dim=-2)):
+        b_m = b_m.unsqueeze(1) if b_m.dim() == 3 else b_m  # (batch, 1, d, r) or (d, r)
+        outs.append((y.float() + (h_m.unsqueeze(-2).float() * b_m.float()).sum(-1)).to(x.dtype))
+    return outs
+
+
 def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
                              x_adapter: Tensor | None = None, a_index: Tensor | None = None,
                              b_index: Tensor | None = None, gate: Tensor | None = None) -> Tensor:

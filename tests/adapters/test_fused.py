@@ -10,7 +10,8 @@ from asymlora import AsymLoraConfig, LoraMoeConfig, MixLoraConfig, get_model
 from asymlora.adapters import layer as layer_module
 from asymlora.adapters.routing import RoutingContext
 from asymlora.kernels import (LowRankMember, lowrank_linear, lowrank_linear_group, lowrank_linear_group_reference,
-                              lowrank_linear_reference)
+                              lowrank_linear_prepared, lowrank_linear_reference, routed_matrices, stack_factors)
+from asymlora.kernels import fused as fused_module
 from tests.conftest import tiny_llama
 
 MODES = ["shared", "per_sample", "table", "rows"]
@@ -205,6 +206,84 @@ def test_group_op_under_compile_equals_eager(backend):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
 
 
+PREPARED = [(("asym_task",) * 3, (6, 6, 6)), (("asym_task",) * 3, (6, 3, 3)), (("moe_task", "asym_task"), (5, 5)),
+            (("rows",), (4,)), (("shared", "per_sample"), (6, 4))]
+
+
+def _prepared_members(forms, widths, g, batch, d_in, r, dtype):
+    """Members whose factors are one of the routed forms (or a plain shared / per-sample LoRA)."""
+    members = []
+    for i, (form, d_out) in enumerate(zip(forms, widths)):
+        if form in ("shared", "per_sample"):
+            lead = () if form == "shared" else (batch,)
+            m = LowRankMember(torch.randn(d_out, d_in, generator=g, dtype=torch.float64), None,
+                              torch.randn(*lead, r, d_in, generator=g, dtype=torch.float64),
+                              torch.randn(*lead, d_out, r, generator=g, dtype=torch.float64))
+        else:
+            m = _group_member(form, g, batch, 1, d_in, d_out, r, bias=i == 1)
+        members.append(LowRankMember(*(t.detach().to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                       else t for t in m)))
+    return members
+
+
+@pytest.mark.parametrize("forms,widths", PREPARED, ids=["+".join(f) + "-" + "_".join(map(str, w)) for f, w in PREPARED])
+@pytest.mark.parametrize("seq", [1, 4])
+def test_prepared_op_matches_the_reference_eagerly_and_compiled(forms, widths, seq):
+    """Generation's op: the members' factors selected, scaled and stacked once
+    (:func:`stack_factors`), then any number of calls. Eager, its float32 sum-over-r form (what a
+    compiled decode step runs) and inductor's compilation of it equal one plain reference per
+    member: members of one width (one fused sum) and of several (GQA's q against k and v), shared
+    and per-sample A's and B's side by side, biases."""
+    g = torch.Generator().manual_seed(len(forms) * 7 + sum(widths) + seq)
+    batch, d_in, r, scaling = 3, 8, 4, 1.5
+    members = _prepared_members(forms, widths, g, batch, d_in, r, torch.float32)
+    x = torch.randn(batch, seq, d_in, generator=g)
+    expected = lowrank_linear_group_reference(x, members, scaling)
+    factors = stack_factors([(a, b * scaling) for a, b in (routed_matrices(m.a, m.b, m.a_index, m.b_index, x.dtype)
+                                                          for m in members)], batch)
+    frozen = [(m.weight, m.bias) for m in members]
+    h = fused_module._times(x, factors[0], transpose=True)
+    runs = {"eager": lowrank_linear_prepared(x, frozen, *factors),
+            "sum over r": fused_module._decode_outputs(x, frozen, h, factors[1], list(widths))}
+    if seq == 1:
+        torch._dynamo.reset()
+        compiled = torch.compile(lowrank_linear_prepared, backend="inductor", fullgraph=True)
+        runs["inductor"] = compiled(x, frozen, *factors)
+    for name, outs in runs.items():
+        assert len(outs) == len(members)
+        for out, ref in zip(outs, expected):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_prepared_op_in_bf16_stays_within_rounding_of_float64():
+    """The sum-over-r form rounds once (float32 inside), the eager form twice (update, then the
+    frozen GEMM onto it): both within bf16 rounding of the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    batch, d_in, r = 4, 64, 8
+    members = _prepared_members(("asym_task",) * 3, (32, 32, 32), g, batch, d_in, r, torch.float64)
+    x = torch.randn(batch, 1, d_in, generator=g, dtype=torch.float64)
+    expected = lowrank_linear_group_reference(x, members, 1.0)
+    low = [LowRankMember(*(t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                           for t in m)) for m in members]
+    factors = stack_factors([routed_matrices(m.a, m.b, m.a_index, m.b_index, torch.bfloat16) for m in low], batch)
+    frozen = [(m.weight, m.bias) for m in low]
+    xb = x.to(torch.bfloat16)
+    h = fused_module._times(xb, factors[0], transpose=True)
+    for outs in (lowrank_linear_prepared(xb, frozen, *factors), fused_module._decode_outputs(xb, frozen, h, factors[1], [32] * 3)):
+        for out, ref in zip(outs, expected):
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=0.25)
+
+
+def test_stack_factors_refuses_members_of_different_ranks():
+    a, b = torch.randn(4, 8), torch.randn(6, 4)
+    assert stack_factors([(a, b), (torch.randn(2, 8), torch.randn(6, 2))], 3) is None
+    a_cat, b_cat = stack_factors([(a, b), (torch.randn(3, 4, 8), torch.randn(5, 4))], 3)
+    assert a_cat.shape == (3, 8, 8) and b_cat.shape == (11, 4)  # a shared A broadcast next to per-sample ones
+    a_cat, b_cat = stack_factors([(a, b), (a, torch.randn(3, 5, 4))], 3)
+    assert a_cat.shape == (8, 8) and b_cat.shape == (3, 11, 4) and torch.equal(b_cat[2, :6], b)
+
+
 def test_accumulate_op_passes_opcheck_and_rejects_a_gated_index():
     g = torch.Generator().manual_seed(1)
     out, m1, m2 = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 4, generator=g), torch.randn(5, 4, generator=g)
@@ -302,6 +381,38 @@ def test_generation_reusing_routed_factors_equals_the_reference_path(make):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("make", [
+    lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
+    lambda fast: LoraMoeConfig(r=4, lora_alpha=8, num_experts=3, routing="task", fast_path=fast),
+    lambda fast: MixLoraConfig(r=2, num_factors=6, lora_alpha=12, fast_path=fast),
+], ids=["asym", "moe", "mix"])
+def test_compiled_static_cache_generation_equals_the_reference_path(make, monkeypatch):
+    """transformers' own compiled decoding (static cache; the prefill eager, each decode step
+    compiled): the steps run the prepared op's sum-over-r form on the factors the prefill stacked
+    (q against GQA-narrower k and v; gate and up of one width) and generate what the reference path
+    generates eagerly."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(4))
+    task_ids = torch.tensor([1, 2, 0])
+    compile_config = CompileConfig(backend="aot_eager", mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on CPU only when told
+    args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False, task_ids=task_ids)
+    summed = []
+    real = fused_module._decode_outputs
+    monkeypatch.setattr(fused_module, "_decode_outputs", lambda *a: summed.append(len(a[1])) or real(*a))
+    outs = []
+    for fast in (True, False):
+        torch._dynamo.reset()
+        model = get_model(tiny_llama(), make(fast)).eval()
+        _randomize(model, 4)
+        extra = dict(cache_implementation="static", compile_config=compile_config) if fast else {}
+        outs.append(model.generate(input_ids=ids, **args, **extra))
+    torch._dynamo.reset()
+    assert sorted(set(summed)) == [1, 2, 3]  # traced once per group: o and down, gate/up, q/k/v
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_fused_layers_under_autocast_match_the_reference_path():
     """A float32 model under bf16 autocast (the trainer's setting): operands cast as autocast casts
     F.linear's, so both paths agree to bf16 rounding."""
@@ -321,7 +432,8 @@ def test_fused_layers_under_autocast_match_the_reference_path():
 
 def test_compiled_decode_steps_read_the_generation_cache_filled_eagerly(monkeypatch):
     """transformers runs the prefill eagerly and compiles the decode steps (static cache): the
-    compiled step reads the factors the prefill cached (no selection traced into the graph) and
+    compiled step reads the factors the prefill cached, stacked a group of siblings at a time (no
+    selection traced into the graph) and
     gives the eager step's logits; while compiling, nothing is written to the cache."""
     model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task")).eval()
     _randomize(model, 4)
@@ -329,8 +441,9 @@ def test_compiled_decode_steps_read_the_generation_cache_filled_eagerly(monkeypa
     with torch.no_grad():
         ctx = model._set_context(task_ids, {"input_ids": ids}, generating=True)
         eager = model.base_model(input_ids=ids).logits  # fills the cache, as the prefill does
-        filled = dict(ctx.pooled_cache)
-        assert len(filled) == len(model.adapter_layers)
+        filled = dict(ctx.pooled_cache)  # one entry a group of siblings, "<first>:generation:<members>"
+        assert sum(int(key.rsplit(":", 1)[1]) for key in filled) == len(model.adapter_layers)
+        assert len(filled) == 4 * len(model.base_model.model.layers)  # q/k/v, o, gate/up, down
         selected = []
         for layer in model.adapter_layers.values():
             real = layer.routed_factors

@@ -170,3 +170,35 @@ def test_group_op_matches_reference_bf16(form):
     for gf, gr, gt, leaf in zip(results["fast"][1], results["ref"][1], g64, leaves):
         assert gf.dtype == leaf.dtype
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
+
+
+@pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024), (11008,)])
+@pytest.mark.parametrize("per_sample_a", [False, True])
+def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a):
+    """Generation's op (factors stacked once, then decode steps): eagerly, and compiled by inductor
+    as a decode step (one token a sample: the B products become a float32 sum over r fused with the
+    frozen outputs), against the bf16 reference and float64."""
+    g = torch.Generator(device="cuda").manual_seed(sum(widths) + per_sample_a)
+    b, d_in, r, n = 4, 4096, 32, 3
+    x = torch.randn(b, 1, d_in, device="cuda", generator=g).to(torch.bfloat16)
+    task = torch.arange(b, device="cuda") % n
+    members = []
+    for d_out in widths:
+        weight = (torch.randn(d_out, d_in, device="cuda", generator=g) * d_in ** -0.5).to(torch.bfloat16)
+        a = torch.randn(*((n,) if per_sample_a else ()), r, d_in, device="cuda", generator=g) * 0.02
+        bb = torch.randn(n, d_out, r, device="cuda", generator=g) * 0.02
+        members.append(kernels.LowRankMember(weight, None, a, bb, task if per_sample_a else None, task))
+    factors = kernels.stack_factors(
+        [(a, bb * 2.0) for a, bb in (kernels.routed_matrices(m.a, m.b, m.a_index, m.b_index, torch.bfloat16)
+                                     for m in members)], b)
+    frozen = [(m.weight, None) for m in members]
+    ref = kernels.lowrank_linear_group_reference(x, members, 2.0)
+    members64 = [kernels.LowRankMember(*(v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                                         for v in m)) for m in members]
+    truth = kernels.lowrank_linear_group_reference(x.double(), members64, 2.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(kernels.lowrank_linear_prepared, fullgraph=True)
+    for outs in (kernels.lowrank_linear_prepared(x, frozen, *factors), compiled(x, frozen, *factors)):
+        for y, yr, yt in zip(outs, ref, truth):
+            assert y.dtype == torch.bfloat16 and y.shape == yr.shape
+            assert rel(y, yt) < max(1e-2, 2 * rel(yr, yt))
