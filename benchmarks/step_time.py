@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-modes", nargs="*", default=["eager", "static_compiled"],
                         choices=["eager", "static_compiled"])
     parser.add_argument("--generation-profile", action="store_true", help="profile one call of each side")
+    parser.add_argument("--generation-rounds", type=int, default=4,
+                        help="alternations of the two sides (3 timed calls a side each)")
     parser.add_argument("--profile", nargs="*", default=[], help="variants to profile (kernel time vs wall time)")
     parser.add_argument("--profile-top", type=int, default=15, help="how many of the largest kernels a profile lists")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                 row["best"]["ratio_to_floor"] = row["best"]["ms"] / floor
         entry = {"shape": shape, "variants": rows}
         if args.generation:
-            entry["generation"] = generation(shape, modes=args.generation_modes, profile=args.generation_profile)
+            entry["generation"] = generation(shape, rounds=args.generation_rounds, modes=args.generation_modes,
+                                             profile=args.generation_profile)
         payload["results"][str(size)] = entry
         print(table(size, entry), flush=True)
     path = write_results(args.name, payload, args.out)

@@ -416,16 +416,17 @@ def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | N
     ``y_m = x W_mᵀ + bias_m + (x A_mᵀ) B_mᵀ`` for each ``frozen[m] = (W_m, bias_m)``.
 
     Eagerly (and for several tokens a sample) the op's GEMMs: one ``x Aᵀ`` for all members, then
-    per member the update, onto which the frozen GEMM accumulates. In a compiled decode step (one
-    token a sample) each sample's update is only ``r`` products per output, so the B products are
-    written as a sum over r that the compiler fuses with the frozen outputs' addition: one kernel
-    for the group where the GEMMs took one per member (the step is launch-bound, not GEMM-bound).
+    per member the update, onto which the frozen GEMM accumulates. A compiled decode step (one
+    token a sample) is launch-bound, not GEMM-bound: there both products are written as float32
+    sums (over d_in, then over r) that the compiler turns into one reduction kernel each, the
+    second fused with the frozen outputs' addition: two kernels for the group where cuBLAS took a
+    split-K GEMM and its reduction for ``x Aᵀ`` and a GEMM per member.
     """
     r = b.shape[-1]
     sizes = [w.shape[0] for w, _ in frozen]
-    h = _times(x, a, transpose=True)  # (batch, seq, M·r)
     if torch.compiler.is_compiling() and x.shape[1] == 1:
-        return _decode_outputs(x, frozen, h, b, sizes)
+        return _decode_outputs(x, frozen, a, b, sizes)
+    h = _times(x, a, transpose=True)  # (batch, seq, M·r)
     outs = []
     for (w, bias), h_m, b_m in zip(frozen, h.split(r, dim=-1), b.split(sizes, dim=-2)):
         out = _times(h_m, b_m, transpose=True)
@@ -436,11 +437,13 @@ def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | N
     return outs
 
 
-def _decode_outputs(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | None]], h: Tensor, b: Tensor,
+def _decode_outputs(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | None]], a: Tensor, b: Tensor,
                     sizes: list[int]) -> list[Tensor]:
-    """:func:`lowrank_linear_prepared`'s outputs as a float32 sum over r added to the frozen
-    outputs, rounded once (written for the compiler to fuse; correct eagerly too)."""
+    """:func:`lowrank_linear_prepared`'s outputs as float32 sums, ``h = Σ_k x_k A_jk`` and
+    ``Σ_j h_j B_ij`` added to the frozen outputs, rounded once (written for the compiler to fuse;
+    correct eagerly too, where it materialises the products)."""
     batch, seq, r = x.shape[0], x.shape[1], b.shape[-1]
+    h = (x.unsqueeze(-2).float() * (a if a.dim() == 2 else a.unsqueeze(1)).float()).sum(-1)  # (batch, seq, M·r)
     frozen_out = [torch.nn.functional.linear(x, w, bias) for w, bias in frozen]
     if len(set(sizes)) == 1:  # members of one width (q, k, v without grouped-query heads; gate, up)
         m, d = len(sizes), sizes[0]

@@ -230,7 +230,7 @@ def _prepared_members(forms, widths, g, batch, d_in, r, dtype):
 @pytest.mark.parametrize("seq", [1, 4])
 def test_prepared_op_matches_the_reference_eagerly_and_compiled(forms, widths, seq):
     """Generation's op: the members' factors selected, scaled and stacked once
-    (:func:`stack_factors`), then any number of calls. Eager, its float32 sum-over-r form (what a
+    (:func:`stack_factors`), then any number of calls. Eager, its float32 sums' form (what a
     compiled decode step runs) and inductor's compilation of it equal one plain reference per
     member: members of one width (one fused sum) and of several (GQA's q against k and v), shared
     and per-sample A's and B's side by side, biases."""
@@ -242,9 +242,8 @@ def test_prepared_op_matches_the_reference_eagerly_and_compiled(forms, widths, s
     factors = stack_factors([(a, b * scaling) for a, b in (routed_matrices(m.a, m.b, m.a_index, m.b_index, x.dtype)
                                                           for m in members)], batch)
     frozen = [(m.weight, m.bias) for m in members]
-    h = fused_module._times(x, factors[0], transpose=True)
     runs = {"eager": lowrank_linear_prepared(x, frozen, *factors),
-            "sum over r": fused_module._decode_outputs(x, frozen, h, factors[1], list(widths))}
+            "sums": fused_module._decode_outputs(x, frozen, *factors, list(widths))}
     if seq == 1:
         torch._dynamo.reset()
         compiled = torch.compile(lowrank_linear_prepared, backend="inductor", fullgraph=True)
@@ -256,8 +255,8 @@ def test_prepared_op_matches_the_reference_eagerly_and_compiled(forms, widths, s
 
 
 def test_prepared_op_in_bf16_stays_within_rounding_of_float64():
-    """The sum-over-r form rounds once (float32 inside), the eager form twice (update, then the
-    frozen GEMM onto it): both within bf16 rounding of the float64 reference."""
+    """The sums' form rounds once (float32 inside), the eager form three times (x Aᵀ, the update,
+    then the frozen GEMM onto it): both within bf16 rounding of the float64 reference."""
     g = torch.Generator().manual_seed(5)
     batch, d_in, r = 4, 64, 8
     members = _prepared_members(("asym_task",) * 3, (32, 32, 32), g, batch, d_in, r, torch.float64)
@@ -268,8 +267,7 @@ def test_prepared_op_in_bf16_stays_within_rounding_of_float64():
     factors = stack_factors([routed_matrices(m.a, m.b, m.a_index, m.b_index, torch.bfloat16) for m in low], batch)
     frozen = [(m.weight, m.bias) for m in low]
     xb = x.to(torch.bfloat16)
-    h = fused_module._times(xb, factors[0], transpose=True)
-    for outs in (lowrank_linear_prepared(xb, frozen, *factors), fused_module._decode_outputs(xb, frozen, h, factors[1], [32] * 3)):
+    for outs in (lowrank_linear_prepared(xb, frozen, *factors), fused_module._decode_outputs(xb, frozen, *factors, [32] * 3)):
         for out, ref in zip(outs, expected):
             assert out.dtype == torch.bfloat16
             torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=0.25)
@@ -388,7 +386,7 @@ def test_generation_reusing_routed_factors_equals_the_reference_path(make):
 ], ids=["asym", "moe", "mix"])
 def test_compiled_static_cache_generation_equals_the_reference_path(make, monkeypatch):
     """transformers' own compiled decoding (static cache; the prefill eager, each decode step
-    compiled): the steps run the prepared op's sum-over-r form on the factors the prefill stacked
+    compiled): the steps run the prepared op's float32 sums on the factors the prefill stacked
     (q against GQA-narrower k and v; gate and up of one width) and generate what the reference path
     generates eagerly."""
     from transformers.generation.configuration_utils import CompileConfig
@@ -409,7 +407,7 @@ def test_compiled_static_cache_generation_equals_the_reference_path(make, monkey
         extra = dict(cache_implementation="static", compile_config=compile_config) if fast else {}
         outs.append(model.generate(input_ids=ids, **args, **extra))
     torch._dynamo.reset()
-    assert sorted(set(summed)) == [1, 2, 3]  # traced once per group: o and down, gate/up, q/k/v
+    assert sorted(set(summed)) == [1, 2, 3]  # traced once a group: o and down, gate/up, q/k/v
     assert torch.equal(outs[0], outs[1])
 
 

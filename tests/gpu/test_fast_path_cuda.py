@@ -176,7 +176,7 @@ def test_group_op_matches_reference_bf16(form):
 @pytest.mark.parametrize("per_sample_a", [False, True])
 def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a):
     """Generation's op (factors stacked once, then decode steps): eagerly, and compiled by inductor
-    as a decode step (one token a sample: the B products become a float32 sum over r fused with the
+    as a decode step (one token a sample: both products become float32 sums, the second fused with the
     frozen outputs), against the bf16 reference and float64."""
     g = torch.Generator(device="cuda").manual_seed(sum(widths) + per_sample_a)
     b, d_in, r, n = 4, 4096, 32, 3
