@@ -220,7 +220,7 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
         entry["ratio"] = median(times["merged"]) / median(times["mixed"])
         entry.update({f"{n}_ms": t for n, t in times.items()})
         if profile:  # one call a side, profiled as a training step is
-            entry["host_profile"] = {n: on_side(n, lambda: profile_steps(call, steps=1)) for n, call in calls.items()}
+            entry["host_profile"] = {n: on_side(n, lambda: profile_steps(call, steps=1, top=25)) for n, call in calls.items()}
         result[mode] = entry
         print(f"generation {mode}: { {k: v for k, v in entry.items() if not k.endswith('_ms')} }", flush=True)
     ok = {m: r for m, r in result.items() if "ratio" in r}
