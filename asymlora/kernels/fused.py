@@ -61,12 +61,22 @@ def _grad_dtype(table: Tensor, index: Tensor | None) -> torch.dtype:
 
 
 def _factor_grad_to_table(grad: Tensor, table: Tensor, index: Tensor | None, rows_transposed: bool = False) -> Tensor:
-    """The inverse of :func:`_factor` for gradients: summed into the table in float32 (or wider)."""
+    """The inverse of :func:`_factor` for gradients: summed into the table in float32 (or wider).
+
+    Compiled, a table of matrices (one per expert, ``index: (batch,)``) takes its gradient as a
+    sum over the batch weighted by each sample's one-hot, which the compiler writes as one
+    reduction kernel (and deterministic); ``index_add_`` into zeros takes two and adds by atomics.
+    Eagerly that sum would materialise N copies of the gradient: there ``index_add_`` it is."""
     if index is None:
         return grad.to(table.dtype)
     if rows_transposed:
         grad = grad.transpose(1, 2)
     acc = _grad_dtype(table, index)
+    if index.dim() == 1 and torch.compiler.is_compiling():
+        experts = torch.arange(table.shape[0], device=index.device)
+        onehot = (index.unsqueeze(0) == experts.unsqueeze(1)).to(acc)  # (N, batch)
+        per_sample = grad.reshape(1, grad.shape[0], -1).to(acc)
+        return (onehot.unsqueeze(-1) * per_sample).sum(1).view(table.shape).to(table.dtype)
     grad = grad.reshape(-1, *table.shape[1:]).to(acc)
     out = torch.zeros(table.shape, dtype=acc, device=table.device).index_add_(0, index.reshape(-1), grad)
     return out.to(table.dtype)

@@ -126,11 +126,14 @@ def test_fused_op_with_float32_tables_matches_reference(form):
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("form", ["asym_task", "moe_task", "mix_rows", "asym_soft"])
-def test_group_op_matches_reference_bf16(form):
+def test_group_op_matches_reference_bf16(form, compiled):
     """q, k and v as one op (one x Aᵀ GEMM, one low-rank input gradient with each G W accumulated
     onto it), float32 tables under a bf16 input, against one reference per member, all against
-    float64."""
+    float64; eagerly and compiled by inductor (which sums an expert table's gradient over the
+    batch by one-hot instead of index_add_)."""
+    torch._dynamo.reset()
     b, t, d_in, r, n, e = 4, 256, 2048, 32, 3, 32
     g = torch.Generator(device="cuda").manual_seed(13)
     x = fresh(b, t, d_in)
@@ -156,7 +159,8 @@ def test_group_op_matches_reference_bf16(form):
         leaves += [t_ for t_ in (m.a, m.b, m.gate) if t_ is not None]
     ups = [torch.randn(b, t, m.weight.shape[0], device="cuda", dtype=torch.bfloat16) for m in members]
     results = {}
-    for name, fn in (("fast", kernels.lowrank_linear_group), ("ref", kernels.lowrank_linear_group_reference)):
+    fast = torch.compile(kernels.lowrank_linear_group, fullgraph=True) if compiled else kernels.lowrank_linear_group
+    for name, fn in (("fast", fast), ("ref", kernels.lowrank_linear_group_reference)):
         ys = fn(x, members, 2.0)
         loss = sum((y.float() * u.float()).sum() for y, u in zip(ys, ups))
         results[name] = (ys, torch.autograd.grad(loss, leaves))
