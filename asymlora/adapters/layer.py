@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -130,29 +131,34 @@ class AdapterLayer(nn.Module):
         routing decided on the prompt), the factors of this layer and its siblings are selected,
         cast, scaled and stacked once (by the prefill, eagerly) and every decode step reads them
         (:func:`asymlora.kernels.lowrank_linear_prepared`): the compiled step holds no selection,
-        cast or concatenation, and two tensors a group as inputs. Nothing is cached while
+        cast or concatenation, and one tensor a group as input (each costs the step guards and
+        its graph's wrapper time at every token). Nothing is cached while
         compiling. None where it does not apply (a gate, dropout, a merged sibling, ...)."""
         if torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
             return None
         layers = (self, *self.siblings)
         key = f"{self.name}:generation:{len(layers)}"
-        factors = ctx.pooled_cache.get(key)
-        if factors is None or (factors[1].dim() == 3 and factors[1].shape[0] != x.shape[0]):
+        packed = ctx.pooled_cache.get(key)
+        if packed is None or (packed and len(packed[2]) == 3 and packed[2][0] != x.shape[0]):
             if torch.compiler.is_compiling():
                 return None
-            factors = self._generation_factors(x, ctx)
-            if factors is None:
-                return None
-            ctx.pooled_cache[key] = factors
+            # () records for the call that the group runs the usual path (decided once, not per token)
+            packed = ctx.pooled_cache[key] = self._generation_factors(x, ctx) or ()
+        if not packed:
+            return None
+        flat, a_shape, b_shape = packed  # one tensor a group: each is a graph input the step handles
+        split = math.prod(a_shape)
+        a, b = flat[:split].view(a_shape), flat[split:].view(b_shape)
         frozen = [(layer.base_layer.weight, layer.base_layer.bias) for layer in layers]
-        outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, *factors))
+        outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b))
         for layer, out in zip(layers[1:], outs[1:]):
             ctx.handover[layer.name] = (x, out)
         return outs[0]
 
-    def _generation_factors(self, x: Tensor, ctx: RoutingContext) -> tuple[Tensor, Tensor] | None:
-        """Each member's ``(A, s·B)`` as the sample's routing selects them, stacked; None unless
-        every member runs as one routed update (no gate, no dropout, not merged)."""
+    def _generation_factors(self, x: Tensor, ctx: RoutingContext) -> tuple[Tensor, tuple, tuple] | None:
+        """Each member's ``(A, s·B)`` as the sample's routing selects them, stacked, in one flat
+        tensor with the stacked shapes; None unless every member runs as one routed update (no
+        gate, no dropout, not merged)."""
         specs = [self._fused_spec(x, ctx) if not self._dropout_active() else None]
         specs += [spec for _, spec in self._sibling_specs(x, ctx)]
         if any(spec is None or spec[0].gate is not None for spec in specs):
@@ -162,7 +168,11 @@ class AdapterLayer(nn.Module):
         for member, scaling, _ in specs:
             a, b = routed_matrices(member.a, member.b, member.a_index, member.b_index, dtype)
             factors.append((a, b * scaling))
-        return stack_factors(factors, x.shape[0])
+        stacked = stack_factors(factors, x.shape[0])
+        if stacked is None:
+            return None
+        a, b = stacked
+        return torch.cat([a.reshape(-1), b.reshape(-1)]), tuple(a.shape), tuple(b.shape)
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,

@@ -244,10 +244,13 @@ def test_prepared_op_matches_the_reference_eagerly_and_compiled(forms, widths, s
     frozen = [(m.weight, m.bias) for m in members]
     runs = {"eager": lowrank_linear_prepared(x, frozen, *factors),
             "sums": fused_module._decode_outputs(x, frozen, *factors, list(widths))}
-    if seq == 1:
-        torch._dynamo.reset()
-        compiled = torch.compile(lowrank_linear_prepared, backend="inductor", fullgraph=True)
-        runs["inductor"] = compiled(x, frozen, *factors)
+    if seq == 1:  # inductor's code for the sums (a GPU's decode path, forced here) and for the GEMMs
+        for by_sums in (True, False):
+            torch._dynamo.reset()
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(fused_module, "_decode_by_sums", lambda x, by_sums=by_sums: by_sums)
+                compiled = torch.compile(lowrank_linear_prepared, backend="inductor", fullgraph=True)
+                runs[f"inductor, sums {by_sums}"] = compiled(x, frozen, *factors)
     for name, outs in runs.items():
         assert len(outs) == len(members)
         for out, ref in zip(outs, expected):
@@ -399,6 +402,8 @@ def test_compiled_static_cache_generation_equals_the_reference_path(make, monkey
     summed = []
     real = fused_module._decode_outputs
     monkeypatch.setattr(fused_module, "_decode_outputs", lambda *a: summed.append(len(a[1])) or real(*a))
+    # The sums run on GPUs only (on a CPU inductor's code for them is slow): traced here all the same.
+    monkeypatch.setattr(fused_module, "_decode_by_sums", lambda x: x.shape[1] == 1 and torch.compiler.is_compiling())
     outs = []
     for fast in (True, False):
         torch._dynamo.reset()
@@ -408,6 +413,24 @@ def test_compiled_static_cache_generation_equals_the_reference_path(make, monkey
         outs.append(model.generate(input_ids=ids, **args, **extra))
     torch._dynamo.reset()
     assert sorted(set(summed)) == [1, 2, 3]  # traced once a group: o and down, gate/up, q/k/v
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_generation_decides_once_per_call_where_stacked_factors_do_not_apply(monkeypatch):
+    """A soft token gate cannot be fixed for the call: each group finds that out once per
+    ``generate`` (at the prompt), not at every token, and generates what the reference path does."""
+    ids = torch.randint(1, 90, (2, 4), generator=torch.Generator().manual_seed(6))
+    outs, calls = [], []
+    for fast in (False, True):  # the spy stays on the class: the fast model goes last
+        model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="soft", fast_path=fast)).eval()
+        _randomize(model, 4)
+        if fast:
+            real = layer_module.AdapterLayer._generation_factors
+            monkeypatch.setattr(layer_module.AdapterLayer, "_generation_factors",
+                                lambda self, *a: calls.append(self.name) or real(self, *a))
+        outs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                   min_new_tokens=4, do_sample=False))
+    assert len(calls) == len(set(calls)) == 4 * len(model.base_model.model.layers)  # once a group
     assert torch.equal(outs[0], outs[1])
 
 
