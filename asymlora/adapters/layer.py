@@ -131,15 +131,15 @@ class AdapterLayer(nn.Module):
         routing decided on the prompt), the factors of this layer and its siblings are selected,
         cast, scaled and stacked once (by the prefill, eagerly) and every decode step reads them
         (:func:`asymlora.kernels.lowrank_linear_prepared`): the compiled step holds no selection,
-        cast or concatenation, and one tensor a group as input (each costs the step guards and
-        its graph's wrapper time at every token). Nothing is cached while
-        compiling. None where it does not apply (a gate, dropout, a merged sibling, ...)."""
+        cast or concatenation, and one tensor a group as input (each input costs the step guards
+        and its graph's wrapper time at every token). Nothing is cached while compiling. None
+        where it does not apply (a gate, dropout, a merged sibling, ...): decided once a call."""
         if torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
             return None
         layers = (self, *self.siblings)
         key = f"{self.name}:generation:{len(layers)}"
         packed = ctx.pooled_cache.get(key)
-        if packed is None or (packed and len(packed[2]) == 3 and packed[2][0] != x.shape[0]):
+        if packed is None or (packed and any(len(shape) == 3 and shape[0] != x.shape[0] for shape in packed[1:])):
             if torch.compiler.is_compiling():
                 return None
             # () records for the call that the group runs the usual path (decided once, not per token)
