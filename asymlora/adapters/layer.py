@@ -165,9 +165,10 @@ class AdapterLayer(nn.Module):
             return None
         dtype = _fused_dtype(x)
         factors = []
-        for member, scaling, _ in specs:
-            a, b = routed_matrices(member.a, member.b, member.a_index, member.b_index, dtype)
-            factors.append((a, b * scaling))
+        for member, scaling, _ in specs:  # scaled before the cast: one rounding (once a call)
+            a, b = routed_matrices(member.a, member.b, member.a_index, member.b_index,
+                                   torch.promote_types(dtype, member.b.dtype))
+            factors.append((a.to(dtype), (b * scaling).to(dtype)))
         stacked = stack_factors(factors, x.shape[0])
         if stacked is None:
             return None

@@ -178,7 +178,7 @@ def test_group_op_matches_reference_bf16(form, compiled):
 
 @pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024), (11008,)])
 @pytest.mark.parametrize("per_sample_a", [False, True])
-def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a):
+def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a, monkeypatch):
     """Generation's op (factors stacked once, then decode steps): eagerly, and compiled by inductor
     as a decode step (one token a sample: both products become float32 sums, the second fused with the
     frozen outputs), against the bf16 reference and float64."""
@@ -201,8 +201,13 @@ def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a):
                                          for v in m)) for m in members]
     truth = kernels.lowrank_linear_group_reference(x.double(), members64, 2.0)
     torch._dynamo.reset()
+    from asymlora.kernels import fused
+    traced, real = [], fused._decode_outputs
+    monkeypatch.setattr(fused, "_decode_outputs", lambda *a: traced.append(1) or real(*a))
     compiled = torch.compile(kernels.lowrank_linear_prepared, fullgraph=True)
-    for outs in (kernels.lowrank_linear_prepared(x, frozen, *factors), compiled(x, frozen, *factors)):
+    runs = (kernels.lowrank_linear_prepared(x, frozen, *factors), compiled(x, frozen, *factors))
+    assert traced  # the compiled decode step on a GPU takes the sums' form
+    for outs in runs:
         for y, yr, yt in zip(outs, ref, truth):
             assert y.dtype == torch.bfloat16 and y.shape == yr.shape
             assert rel(y, yt) < max(1e-2, 2 * rel(yr, yt))
