@@ -231,7 +231,8 @@ def generation(shape: dict, new_tokens: int = 64, rounds: int = 4, repeat: int =
         entry["ratio_median_of_rounds"] = median(entry["ratio_per_round"])
         entry.update({f"{n}_ms": t for n, t in times.items()})
         if profile:  # one call a side, profiled as a training step is
-            entry["host_profile"] = {n: on_side(n, lambda: profile_steps(call, steps=1, top=25)) for n, call in calls.items()}
+            entry["host_profile"] = {n: on_side(n, lambda: profile_steps(call, steps=1, top=25))
+                                     for n, call in calls.items()}
         result[mode] = entry
         print(f"generation {mode}: { {k: v for k, v in entry.items() if not k.endswith('_ms')} }", flush=True)
     ok = {m: r for m, r in result.items() if "ratio" in r}
@@ -352,7 +353,8 @@ def table(size: int, entry: dict) -> str:
                      f"({floor['mode']}); ratios are to their mean")
     if "generation" in entry and "ratio" in entry["generation"]:
         g = entry["generation"]
-        paired = {m: r["ratio_median_of_rounds"] for m, r in g.items() if isinstance(r, dict) and "ratio_median_of_rounds" in r}
+        paired = {m: r["ratio_median_of_rounds"] for m, r in g.items()
+                  if isinstance(r, dict) and "ratio_median_of_rounds" in r}
         lines.append(f"\ngeneration: mixed-task {g['mixed_tokens_per_s']:,.0f} tok/s, merged {g['merged_tokens_per_s']:,.0f} "
                      f"tok/s, mixed / merged = {g['ratio']:.2f}; median of the rounds' ratios "
                      + ", ".join(f"{m} {v:.3f}" for m, v in paired.items()))

@@ -87,7 +87,7 @@ class AdapterLayer(nn.Module):
         member, scaling, x_adapter = spec
         members, takers = [member], []
         if x_adapter is None and routing is not None:
-            for sibling, sibling_spec in self._sibling_specs(x, routing):
+            for sibling, sibling_spec in _sibling_specs(self, x, routing):
                 if sibling_spec is not None and sibling_spec[1] == scaling:
                     members.append(sibling_spec[0])
                     takers.append(sibling.name)
@@ -114,17 +114,8 @@ class AdapterLayer(nn.Module):
                 return None
             factors, gate = (gated[0], gated[1], None, None), gated[2]
         a, b, a_index, b_index = factors
-        x_adapter = self.dropout(x) if self._dropout_active() else None
+        x_adapter = self.dropout(x) if _dropout_active(self) else None
         return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), self.scaling, x_adapter
-
-    def _dropout_active(self) -> bool:
-        return self.training and isinstance(self.dropout, nn.Dropout)
-
-    def _sibling_specs(self, x: Tensor, routing: RoutingContext) -> list[tuple[AdapterLayer, tuple | None]]:
-        """Each sibling and its :meth:`_fused_spec` on x; None for one that must run alone (merged,
-        or under dropout: its adapter reads its own dropped-out x)."""
-        return [(s, None if s.merged_task is not None or s._dropout_active() else s._fused_spec(x, routing))
-                for s in self.siblings]
 
     def _generation_forward(self, x: Tensor, ctx: RoutingContext) -> Tensor | None:
         """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
@@ -159,8 +150,8 @@ class AdapterLayer(nn.Module):
         """Each member's ``(A, s·B)`` as the sample's routing selects them, stacked, in one flat
         tensor with the stacked shapes; None unless every member runs as one routed update (no
         gate, no dropout, not merged)."""
-        specs = [self._fused_spec(x, ctx) if not self._dropout_active() else None]
-        specs += [spec for _, spec in self._sibling_specs(x, ctx)]
+        specs = [self._fused_spec(x, ctx) if not _dropout_active(self) else None]
+        specs += [spec for _, spec in _sibling_specs(self, x, ctx)]
         if any(spec is None or spec[0].gate is not None for spec in specs):
             return None
         dtype = _fused_dtype(x)
@@ -223,6 +214,20 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scaling={self.scaling:g}"
+
+
+# Module functions rather than methods: under torch.compile every method looked up on a layer adds
+# a guard per layer (that the instance does not shadow it), evaluated before every step.
+def _dropout_active(layer: AdapterLayer) -> bool:
+    return layer.training and isinstance(layer.dropout, nn.Dropout)
+
+
+def _sibling_specs(layer: AdapterLayer, x: Tensor,
+                   routing: RoutingContext) -> list[tuple[AdapterLayer, tuple | None]]:
+    """Each sibling and its ``_fused_spec`` on x; None for one that must run alone (merged, or
+    under dropout: its adapter reads its own dropped-out x)."""
+    return [(s, None if s.merged_task is not None or _dropout_active(s) else s._fused_spec(x, routing))
+            for s in layer.siblings]
 
 
 def _fused_dtype(x: Tensor) -> torch.dtype:

@@ -276,7 +276,8 @@ def test_prepared_op_in_bf16_stays_within_rounding_of_float64():
 
     def rel(y, t):
         return ((y.double() - t).norm() / t.norm()).item()
-    for outs in (lowrank_linear_prepared(xb, frozen, *factors), fused_module._decode_outputs(xb, frozen, *factors, [64] * 3)):
+    sums = fused_module._decode_outputs(xb, frozen, *factors, [64] * 3)
+    for outs in (lowrank_linear_prepared(xb, frozen, *factors), sums):
         for out, ref, t in zip(outs, reference, truth):
             assert out.dtype == torch.bfloat16
             assert rel(out, t) < 2 * rel(ref, t), (rel(out, t), rel(ref, t))
@@ -415,7 +416,8 @@ def test_compiled_static_cache_generation_equals_the_reference_path(make, monkey
     task_ids = torch.tensor([1, 2, 0])
     compile_config = CompileConfig(backend="aot_eager", mode="default")
     compile_config._compile_all_devices = True  # transformers compiles on CPU only when told
-    args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False, task_ids=task_ids)
+    args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                task_ids=task_ids)
     summed = []
     real = fused_module._decode_outputs
     monkeypatch.setattr(fused_module, "_decode_outputs", lambda *a: summed.append(len(a[1])) or real(*a))
