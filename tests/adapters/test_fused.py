@@ -377,6 +377,15 @@ def test_model_with_fused_layers_equals_the_reference_path(make):
         torch.testing.assert_close(runs[0][1][name], runs[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _fast_and_reference(make):
+    """The model on the fast path, then on the reference path (``fast_path=False``), each with the
+    same random adapter; ``make(fast)`` builds the config."""
+    for fast in (True, False):
+        model = get_model(tiny_llama(), make(fast)).eval()
+        _randomize(model, 4)
+        yield fast, model
+
+
 @pytest.mark.parametrize("make", [
     lambda fast: AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=fast),
     lambda fast: MixLoraConfig(r=2, num_factors=6, lora_alpha=12, fast_path=fast),
@@ -387,9 +396,7 @@ def test_generation_reusing_routed_factors_equals_the_reference_path(make):
     ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(2))
     task_ids = torch.tensor([2, 0, 1])
     outs = []
-    for fast in (True, False):
-        model = get_model(tiny_llama(), make(fast)).eval()
-        _randomize(model, 4)
+    for fast, model in _fast_and_reference(make):
         args = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False, task_ids=task_ids)
         outs.append(model.generate(input_ids=ids, **args))
         if fast:
@@ -424,10 +431,8 @@ def test_compiled_static_cache_generation_equals_the_reference_path(make, monkey
     # The sums run on GPUs only (on a CPU inductor's code for them is slow): traced here all the same.
     monkeypatch.setattr(fused_module, "_decode_by_sums", lambda x: x.shape[1] == 1 and torch.compiler.is_compiling())
     outs = []
-    for fast in (True, False):
+    for fast, model in _fast_and_reference(make):
         torch._dynamo.reset()
-        model = get_model(tiny_llama(), make(fast)).eval()
-        _randomize(model, 4)
         extra = dict(cache_implementation="static", compile_config=compile_config) if fast else {}
         outs.append(model.generate(input_ids=ids, **args, **extra))
     torch._dynamo.reset()
@@ -463,9 +468,7 @@ def test_generation_cache_is_rebuilt_when_the_batch_changes(make):
     ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(9))
     task_ids = torch.tensor([2, 0, 1])
     logits = []
-    for fast in (True, False):
-        model = get_model(tiny_llama(), make(fast)).eval()
-        _randomize(model, 4)
+    for fast, model in _fast_and_reference(make):
         with torch.no_grad():
             ctx = model._set_context(task_ids, {"input_ids": ids}, generating=True)
             first = model.base_model(input_ids=ids).logits
