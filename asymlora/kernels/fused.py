@@ -217,12 +217,17 @@ def _forward(x: Tensor, x_a: Tensor | None, members: list[LowRankMember],
     outs = []
     for m, (_, b_m), h_m in zip(members, selected, _columns(h, sizes)):
         u = h_m if m.gate is None else _gate_expand(h_m, m.gate.to(x.dtype), m.b.shape[-1])
-        out = _times(u, b_m, transpose=True)  # (batch, seq, d_out): the update, written once
-        if m.bias is not None:
-            out.add_(m.bias)
-        _accumulate_mm(out, x, m.weight, transpose=True)  # the frozen GEMM adds itself onto the update
-        outs.append(out)
+        outs.append(_member_output(x, u, b_m, m.weight, m.bias))
     return outs, h, a_cat, [b_m for _, b_m in selected], layout
+
+
+def _member_output(x: Tensor, u: Tensor, b_m: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``u B_mᵀ + bias + x Wᵀ``: the update written once, the frozen GEMM adding itself onto it."""
+    out = _times(u, b_m, transpose=True)  # (batch, seq, d_out)
+    if bias is not None:
+        out.add_(bias)
+    _accumulate_mm(out, x, weight, transpose=True)
+    return out
 
 
 def _gated_grads(grad: Tensor, b: Tensor, gate: Tensor, b_m: Tensor, h: Tensor, scaling: float,
@@ -437,14 +442,8 @@ def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | N
     if _decode_by_sums(x):
         return _decode_outputs(x, frozen, a, b, sizes)
     h = _times(x, a, transpose=True)  # (batch, seq, M·r)
-    outs = []
-    for (w, bias), h_m, b_m in zip(frozen, h.split(r, dim=-1), b.split(sizes, dim=-2)):
-        out = _times(h_m, b_m, transpose=True)
-        if bias is not None:
-            out.add_(bias)
-        _accumulate_mm(out, x, w, transpose=True)
-        outs.append(out)
-    return outs
+    return [_member_output(x, h_m, b_m, w, bias)
+            for (w, bias), h_m, b_m in zip(frozen, h.split(r, dim=-1), b.split(sizes, dim=-2))]
 
 
 def _decode_by_sums(x: Tensor) -> bool:
