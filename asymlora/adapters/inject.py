@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .asym_lora import AsymLoraConfig, AsymLoraLinear
 from .config import DEFAULT_MODULES_TO_SAVE, AdapterConfig, ConfigError
-from .layer import AdapterLayer
+from .layer import GENERATION_PENDING, AdapterLayer
 from .lora_moe import LoraMoeConfig, LoraMoeLinear
 from .mix_lora import MixLoraConfig, MixLoraLinear
 from .routing import RoutingContext, RoutingSource
@@ -166,6 +166,7 @@ class AdapterModel(nn.Module):
         self.base_model = base_model
         self.config = config
         self._routing_source = RoutingSource(RoutingContext())
+        self._generating = False
         self._loss_parts: dict[str, Tensor] = {}
         layer_cls = METHODS[config.method][1]
         for p in base_model.parameters():
@@ -231,6 +232,8 @@ class AdapterModel(nn.Module):
         pool_mask = None
         if isinstance(labels, Tensor) and isinstance(ids, Tensor) and labels.shape == ids.shape:
             pool_mask = (labels == -100) & (mask.bool() if isinstance(mask, Tensor) else True)
+        if generating or self._generating:
+            self._set_generation(generating)
         self._routing_source.context = RoutingContext(
             task_ids=task_ids,
             attention_mask=mask,
@@ -240,6 +243,23 @@ class AdapterModel(nn.Module):
             collect_selections=old.collect_selections,
         )
         return self._context
+
+    def _set_generation(self, active: bool) -> None:
+        """Start (or end) a generate call's state on every layer: each group's factors are stacked
+        at the call's prompt (:func:`asymlora.adapters.layer._generation_forward`)."""
+        for layer in self.adapter_layers.values():
+            layer._generation = GENERATION_PENDING if active else None
+            layer._handed = None
+        self._generating = active
+
+    def release_generation_buffers(self) -> None:
+        """Free the buffers that hold each group's stacked factors between ``generate`` calls
+        (kept, as transformers keeps a static KV cache, so a compiled decode step reads the same
+        addresses at every call; the next call allocates them again)."""
+        for layer in self.adapter_layers.values():
+            layer._generation_buffers = None
+            if isinstance(layer._generation, tuple):
+                layer._generation = GENERATION_PENDING
 
     @contextmanager
     def collect_routing(self, stats: bool = True, selections: bool = False) -> Iterator[None]:
@@ -277,6 +297,7 @@ class AdapterModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         finally:
             ctx.recording = False
+            self._set_generation(False)
 
     @property
     def last_loss_parts(self) -> dict[str, float]:

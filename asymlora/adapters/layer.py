@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -40,6 +39,14 @@ class AdapterLayer(nn.Module):
         # Where this layer reads the current forward's routing inputs when the caller passes none
         # (AdapterModel sets one source for all its layers and updates it at every forward).
         self.routing_source: RoutingSource | None = None
+        # During ``generate`` (AdapterModel sets them): the layer's state for the call (None outside
+        # a call; GENERATION_PENDING until the prompt's pass reaches its group; then, on the group's
+        # first member, its stacked factors, and GENERATION_FOLLOWER on the others), the output the
+        # first member computed for this one, and the buffers the stacked factors live in between
+        # calls (the same addresses at every call: a compiled decode step's CUDA graph keeps them).
+        self._generation: tuple[Tensor, Tensor] | str | None = None
+        self._handed: tuple[Tensor, Tensor] | None = None
+        self._generation_buffers: tuple[Tensor, Tensor] | None = None
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
@@ -54,6 +61,10 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor, routing: RoutingContext | None = None) -> Tensor:
         if self.merged_task is not None:
             return self.base_layer(x)
+        if self._generation is not None:
+            out = _generation_forward(self, x)
+            if out is not None:
+                return out
         if routing is None and self.routing_source is not None:
             routing = self.routing_source.context
         if self.siblings and routing is not None:
@@ -62,10 +73,6 @@ class AdapterLayer(nn.Module):
                 if handed[0] is x:  # a sibling called first on this very input computed it
                     return handed[1]
                 self._leave_group()
-        if routing is not None and routing.pooled_cache is not None:
-            out = self._generation_forward(x, routing)
-            if out is not None:
-                return out
         spec = self._fused_spec(x, routing)
         if spec is not None:
             return self._fused_with_siblings(x, spec, routing)
@@ -117,39 +124,10 @@ class AdapterLayer(nn.Module):
         x_adapter = self.dropout(x) if _dropout_active(self) else None
         return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), self.scaling, x_adapter
 
-    def _generation_forward(self, x: Tensor, ctx: RoutingContext) -> Tensor | None:
-        """During ``generate`` (no gradient, routing fixed for the call: task ids, or instance
-        routing decided on the prompt), the factors of this layer and its siblings are selected,
-        cast, scaled and stacked once (by the prefill, eagerly) and every decode step reads them
-        (:func:`asymlora.kernels.lowrank_linear_prepared`): the compiled step holds no selection,
-        cast or concatenation, and one tensor a group as input (each input costs the step guards
-        and its graph's wrapper time at every token). Nothing is cached while compiling. None
-        where it does not apply (a gate, dropout, a merged sibling, ...): decided once a call."""
-        if torch.is_grad_enabled() or ctx.collect_stats or ctx.collect_selections:
-            return None
-        layers = (self, *self.siblings)
-        key = f"{self.name}:generation:{len(layers)}"
-        packed = ctx.pooled_cache.get(key)
-        if packed is None or (packed and any(len(shape) == 3 and shape[0] != x.shape[0] for shape in packed[1:])):
-            if torch.compiler.is_compiling():
-                return None
-            # () records for the call that the group runs the usual path (decided once, not per token)
-            packed = ctx.pooled_cache[key] = self._generation_factors(x, ctx) or ()
-        if not packed:
-            return None
-        flat, a_shape, b_shape = packed  # one tensor a group: each is a graph input the step handles
-        split = math.prod(a_shape)
-        a, b = flat[:split].view(a_shape), flat[split:].view(b_shape)
-        frozen = [(layer.base_layer.weight, layer.base_layer.bias) for layer in layers]
-        outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b))
-        for layer, out in zip(layers[1:], outs[1:]):
-            ctx.handover[layer.name] = (x, out)
-        return outs[0]
-
-    def _generation_factors(self, x: Tensor, ctx: RoutingContext) -> tuple[Tensor, tuple, tuple] | None:
-        """Each member's ``(A, s·B)`` as the sample's routing selects them, stacked, in one flat
-        tensor with the stacked shapes; None unless every member runs as one routed update (no
-        gate, no dropout, not merged)."""
+    def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
+        """Each member's ``(A, s·B)`` as the samples' routing selects them, stacked for
+        :func:`asymlora.kernels.lowrank_linear_prepared`; None unless every member runs as one
+        routed update (no gate, no dropout, not merged) of one rank."""
         specs = [self._fused_spec(x, ctx) if not _dropout_active(self) else None]
         specs += [spec for _, spec in _sibling_specs(self, x, ctx)]
         if any(spec is None or spec[0].gate is not None for spec in specs):
@@ -160,11 +138,7 @@ class AdapterLayer(nn.Module):
             a, b = routed_matrices(member.a, member.b, member.a_index, member.b_index,
                                    torch.promote_types(dtype, member.b.dtype))
             factors.append((a.to(dtype), (b * scaling).to(dtype)))
-        stacked = stack_factors(factors, x.shape[0])
-        if stacked is None:
-            return None
-        a, b = stacked
-        return torch.cat([a.reshape(-1), b.reshape(-1)]), tuple(a.shape), tuple(b.shape)
+        return stack_factors(factors, x.shape[0])
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         """When routing reduces the layer to one low-rank update per sample: ``(a, b, a_index,
@@ -228,6 +202,67 @@ def _sibling_specs(layer: AdapterLayer, x: Tensor,
     under dropout: its adapter reads its own dropped-out x)."""
     return [(s, None if s.merged_task is not None or _dropout_active(s) else s._fused_spec(x, routing))
             for s in layer.siblings]
+
+
+GENERATION_PENDING = "pending"  # a layer's state in a generate call before the prompt's pass reaches it
+GENERATION_FOLLOWER = "follower"  # ... once the first member of its group computes its output
+
+
+def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
+    """A layer's output during ``generate``, where routing is fixed for the call (task ids, or
+    instance routing decided on the prompt): the prompt's pass (eager) selects, casts, scales and
+    stacks the factors of the layer's group of siblings once, and every step runs them through
+    :func:`asymlora.kernels.lowrank_linear_prepared`, the first member called computing the others'
+    outputs. None where that does not apply (a gate, dropout, a merged sibling, statistics being
+    collected, gradients on): the usual path, decided once a call.
+
+    All a decode step reads is on the layers themselves (no routing context, no dict of cached
+    tensors): every attribute a compiled step reads is guarded before every token, by its path."""
+    state = layer._generation
+    if state == GENERATION_FOLLOWER:
+        handed = layer._handed
+        if handed is None:
+            return None
+        layer._handed = None
+        return handed[1] if handed[0] is x else None
+    if torch.is_grad_enabled():
+        return None
+    if isinstance(state, str) or any(t.dim() == 3 and t.shape[0] != x.shape[0] for t in state):
+        # not stacked yet for this call, or for another batch (beams expand it): stacked again
+        if torch.compiler.is_compiling():  # nothing is stacked while compiling
+            return None
+        state = _prepare_generation(layer, x)
+        if state is None:
+            return None
+    a, b = state
+    frozen = [(m.base_layer.weight, m.base_layer.bias) for m in (layer, *layer.siblings)]
+    outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b))
+    for sibling, out in zip(layer.siblings, outs[1:]):
+        sibling._handed = (x, out)
+    return outs[0]
+
+
+def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Stack the group's factors for the call into the layer's buffers (reused while their shapes
+    hold) and make its siblings followers; or record that the group runs the usual path."""
+    ctx = None if layer.routing_source is None else layer.routing_source.context
+    stacked = None
+    if ctx is None or not (ctx.collect_stats or ctx.collect_selections):
+        stacked = layer._generation_factors(x, ctx)
+    if stacked is None:
+        for member in (layer, *layer.siblings):
+            member._generation = None
+        return None
+    buffers = layer._generation_buffers
+    if buffers is None or any(buf.shape != new.shape or buf.dtype != new.dtype or buf.device != new.device
+                              for buf, new in zip(buffers, stacked)):
+        buffers = layer._generation_buffers = tuple(torch.empty_like(new) for new in stacked)
+    for buf, new in zip(buffers, stacked):
+        buf.copy_(new)
+    layer._generation = buffers
+    for sibling in layer.siblings:
+        sibling._generation, sibling._handed = GENERATION_FOLLOWER, None
+    return buffers
 
 
 def _fused_dtype(x: Tensor) -> torch.dtype:

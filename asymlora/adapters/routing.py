@@ -42,9 +42,8 @@ class RoutingContext:
     for instance pooling and to keep padding out of losses and statistics.
     pooled_cache: set during ``generate``, filled by the prompt's pass (the prefill step) and read
     by every generated token: each layer's pooled input, so instance routing is decided once on
-    the prompt and the decode steps (which see one token) route exactly as the prompt did; and
-    each group of sibling linears' selected, scaled and stacked factors (a flat tensor and the
-    shapes of A and B; ``()`` where they cannot be fixed for the call).
+    the prompt and the decode steps (which see one token) route exactly as the prompt did. (Each
+    group's stacked factors for the call live on its layers: ``AdapterLayer._generation``.)
     pool_mask: (batch, seq), the positions instance routing averages: in training the prompt
     only (attention mask and labels == -100), so the router never sees the answer it will not
     have at inference; None means the attention mask.
@@ -56,7 +55,7 @@ class RoutingContext:
     task_ids: Tensor | None = None
     attention_mask: Tensor | None = None
     pool_mask: Tensor | None = None
-    pooled_cache: dict[str, Tensor | tuple] | None = None
+    pooled_cache: dict[str, Tensor] | None = None
     recording: bool = True
     aux_losses: dict[str, list[Tensor]] = field(default_factory=dict)
     collect_stats: bool = False
