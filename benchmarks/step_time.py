@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation", action="store_true")
     parser.add_argument("--generation-modes", nargs="*", default=["eager", "static_compiled"],
                         choices=["eager", "static_compiled"])
+    parser.add_argument("--generation-only", action="store_true", help="time generation alone (no training steps)")
     parser.add_argument("--generation-profile", action="store_true", help="profile one call of each side")
     parser.add_argument("--generation-rounds", type=int, default=4, help="alternations of the two sides")
     parser.add_argument("--generation-repeat", type=int, default=3, help="timed calls a side in each round")
@@ -273,6 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"environment": environment(), "results": {}}
     for size in args.shape or [2048]:
         shape = SHAPES[size]
+        if args.generation_only:
+            entry = {"shape": shape, "generation": generation(shape, rounds=args.generation_rounds,
+                                                               repeat=args.generation_repeat,
+                                                               modes=args.generation_modes,
+                                                               profile=args.generation_profile)}
+            payload["results"][str(size)] = entry
+            print(table(size, entry), flush=True)
+            continue
         rows = {}
 
         def run(name: str, label: str | None = None) -> dict:
@@ -338,7 +347,7 @@ def table(size: int, entry: dict) -> str:
              "compile ms | cudagraphs ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-    for name, row in entry["variants"].items():
+    for name, row in entry.get("variants", {}).items():
         best = row.get("best")
         per_mode = " | ".join(fmt(row.get(m, {}).get("ms")) for m in ("eager", "compile", "cudagraphs"))
         if best:
@@ -347,7 +356,7 @@ def table(size: int, entry: dict) -> str:
                          f"{best['tokens_per_s']:,.0f} | {best['peak_gib']:.2f} | {per_mode} |")
         else:
             lines.append(f"| {name} | failed | — | — | — | — | — | — | {per_mode} |")
-    floor = entry["variants"].get("floor", {}).get("best", {})
+    floor = entry.get("variants", {}).get("floor", {}).get("best", {})
     if "last_ms" in floor:
         lines.append(f"\nfloor timed first {floor['first_ms']:.1f} ms and last {floor['last_ms']:.1f} ms "
                      f"({floor['mode']}); ratios are to their mean")
