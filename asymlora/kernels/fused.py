@@ -446,11 +446,6 @@ def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | N
             for (w, bias), h_m, b_m in zip(frozen, h.split(r, dim=-1), b.split(sizes, dim=-2))]
 
 
-import os  # noqa: E402  (experiment switch, removed after the A/B)
-
-_UNROLLED = os.environ.get("ASYMLORA_DECODE_UPDATE") == "unrolled"
-
-
 def _decode_by_sums(x: Tensor) -> bool:
     """Whether :func:`lowrank_linear_prepared` writes its products as sums: in a compiled decode
     step (one token a sample) on a GPU, where kernel launches bound the step. Not on a CPU, where
@@ -471,15 +466,6 @@ def _decode_outputs(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | None]], a
     acc = torch.promote_types(x.dtype, torch.float32)
     h = (x.unsqueeze(-2).to(acc) * (a if a.dim() == 2 else a.unsqueeze(1)).to(acc)).sum(-1)  # (batch, seq, M·r)
     frozen_out = [torch.nn.functional.linear(x, w, bias) for w, bias in frozen]
-    if _UNROLLED:  # experiment: the update as r pointwise terms (a pointwise node the compiler can fuse onward)
-        outs = []
-        for y, h_m, b_m in zip(frozen_out, h.split(r, dim=-1), b.split(sizes, dim=-2)):
-            b_m = (b_m.unsqueeze(1) if b_m.dim() == 3 else b_m).to(acc)  # (batch, 1, d, r) or (d, r)
-            total = y.to(acc)
-            for j in range(r):
-                total = total + h_m[..., j:j + 1] * b_m[..., j]
-            outs.append(total.to(x.dtype))
-        return outs
     if len(set(sizes)) == 1:  # members of one width (q, k, v without grouped-query heads; gate, up)
         m, d = len(sizes), sizes[0]
         update = (h.view(batch, seq, m, 1, r) * b.view(-1, 1, m, d, r).to(acc)).sum(-1)
