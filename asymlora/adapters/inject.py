@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .asym_lora import AsymLoraConfig, AsymLoraLinear
 from .config import DEFAULT_MODULES_TO_SAVE, AdapterConfig, ConfigError
-from .layer import GENERATION_PENDING, AdapterLayer, GenerationStore
+from .layer import GENERATION_PENDING, AdapterLayer
 from .lora_moe import LoraMoeConfig, LoraMoeLinear
 from .mix_lora import MixLoraConfig, MixLoraLinear
 from .routing import RoutingContext, RoutingSource
@@ -166,7 +166,6 @@ class AdapterModel(nn.Module):
         self.base_model = base_model
         self.config = config
         self._routing_source = RoutingSource(RoutingContext())
-        self._generation_store = GenerationStore()
         self._generating = False
         self._loss_parts: dict[str, Tensor] = {}
         layer_cls = METHODS[config.method][1]
@@ -180,7 +179,6 @@ class AdapterModel(nn.Module):
             parent = base_model.get_submodule(parent_name) if parent_name else base_model
             layer = layer_cls(getattr(parent, child), config, name)
             layer.routing_source = self._routing_source
-            layer._generation_store = self._generation_store
             setattr(parent, child, layer)
             self.adapter_layers[name] = layer
         if config.fast_path and config.group_siblings:
@@ -248,21 +246,20 @@ class AdapterModel(nn.Module):
 
     def _set_generation(self, active: bool) -> None:
         """Start (or end) a generate call's state on every layer: each group's factors are stacked
-        at the call's prompt (:func:`asymlora.adapters.layer._generation_forward`) and kept in the
-        model's one :class:`~asymlora.adapters.layer.GenerationStore`."""
-        layers = self.adapter_layers.values()
-        for layer in layers:
+        at the call's prompt (:func:`asymlora.adapters.layer._generation_forward`)."""
+        for layer in self.adapter_layers.values():
             layer._generation = GENERATION_PENDING if active else None
             layer._handed = None
-        if active:
-            self._generation_store.begin(len({frozenset(map(id, (layer, *layer.siblings))) for layer in layers}))
         self._generating = active
 
     def release_generation_buffers(self) -> None:
-        """Free the tensor that holds every group's stacked factors between ``generate`` calls
+        """Free the buffers that hold each group's stacked factors between ``generate`` calls
         (kept, as transformers keeps a static KV cache, so a compiled decode step reads the same
-        address at every call; the next call allocates it again). Not within a call."""
-        self._generation_store.release()
+        addresses at every call; the next call allocates them again)."""
+        for layer in self.adapter_layers.values():
+            layer._generation_buffers = None
+            if isinstance(layer._generation, tuple):
+                layer._generation = GENERATION_PENDING
 
     @contextmanager
     def collect_routing(self, stats: bool = True, selections: bool = False) -> Iterator[None]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +41,12 @@ class AdapterLayer(nn.Module):
         self.routing_source: RoutingSource | None = None
         # During ``generate`` (AdapterModel sets them): the layer's state for the call (None outside
         # a call; GENERATION_PENDING until the prompt's pass reaches its group; then, on the group's
-        # first member, its stacked factors (PackedFactors once the model's store holds them), and
-        # GENERATION_FOLLOWER on the others), the output the first member computed for this one,
-        # and the store the model's groups keep their factors in for the call.
-        self._generation: tuple[Tensor, Tensor] | PackedFactors | str | None = None
+        # first member, its stacked factors, and GENERATION_FOLLOWER on the others), the output the
+        # first member computed for this one, and the buffers the stacked factors live in between
+        # calls (the same addresses at every call: a compiled decode step's CUDA graph keeps them).
+        self._generation: tuple[Tensor, Tensor] | str | None = None
         self._handed: tuple[Tensor, Tensor] | None = None
-        self._generation_store: GenerationStore | None = None
+        self._generation_buffers: tuple[Tensor, Tensor] | None = None
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
@@ -210,65 +208,6 @@ GENERATION_PENDING = "pending"  # a layer's state in a generate call before the 
 GENERATION_FOLLOWER = "follower"  # ... once the first member of its group computes its output
 
 
-class PackedFactors(NamedTuple):
-    """Where a group's stacked factors lie in :attr:`GenerationStore.flat`: A's and B's offsets and shapes."""
-
-    a_offset: int
-    a_shape: tuple[int, ...]
-    b_offset: int
-    b_shape: tuple[int, ...]
-
-
-class GenerationStore:
-    """Every group's stacked factors for one ``generate`` call, in one flat tensor for the model.
-
-    Each tensor a compiled decode step reads is one of its inputs: guarded, passed through the
-    compiled graph's wrappers and checked by its CUDA graph before every token. Held per group that
-    made 2 a group (32 in a 4-layer Llama); in one flat tensor, one. The prompt's pass (eager) fills
-    it: each group stacks its factors when it is reached (kept on its first layer meanwhile), and once
-    every group of the model has been reached they are copied into :attr:`flat` in one kernel (the
-    tensor reused from call to call while its size holds) and each first layer keeps a
-    :class:`PackedFactors`. A group reached again later in the call (the batch changed: beams) keeps
-    its own tensors."""
-
-    def __init__(self) -> None:
-        self.flat: Tensor | None = None
-        self._waiting = 0  # groups of the model not yet reached by this call's prompt pass
-        self._stacked: list[tuple[AdapterLayer, Tensor, Tensor]] = []
-
-    def begin(self, groups: int) -> None:
-        self._waiting, self._stacked = groups, []
-
-    def reached(self, layer: AdapterLayer, stacked: tuple[Tensor, Tensor] | None) -> None:
-        """A group's factors for the call (None: it runs the usual path); packs after the last group."""
-        if self._waiting <= 0:  # stacked again later in the call: the group keeps its tensors
-            return
-        if stacked is not None:
-            self._stacked.append((layer, *stacked))
-        self._waiting -= 1
-        if self._waiting == 0:
-            self._pack()
-
-    def release(self) -> None:
-        self.flat, self._waiting, self._stacked = None, 0, []
-
-    def _pack(self) -> None:
-        parts = [t for _, a, b in self._stacked for t in (a, b)]
-        if not parts or len({(t.dtype, t.device) for t in parts}) != 1:
-            self._stacked = []
-            return  # nothing stacked, or mixed dtypes (autocast off in part of the model): left unpacked
-        total = sum(t.numel() for t in parts)
-        flat = self.flat
-        if flat is None or flat.numel() != total or flat.dtype != parts[0].dtype or flat.device != parts[0].device:
-            flat = self.flat = torch.empty(total, dtype=parts[0].dtype, device=parts[0].device)
-        torch.cat([t.reshape(-1) for t in parts], out=flat)
-        offset = 0
-        for layer, a, b in self._stacked:
-            layer._generation = PackedFactors(offset, tuple(a.shape), offset + a.numel(), tuple(b.shape))
-            offset += a.numel() + b.numel()
-        self._stacked = []
-
-
 def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
     """A layer's output during ``generate``, where routing is fixed for the call (task ids, or
     instance routing decided on the prompt): the prompt's pass (eager) selects, casts, scales and
@@ -277,9 +216,8 @@ def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
     outputs. None where that does not apply (a gate, dropout, a merged sibling, statistics being
     collected, gradients on): the usual path, decided once a call.
 
-    All a decode step reads is on the layers and the model's :class:`GenerationStore` (no routing
-    context, no dict of cached tensors): every value a compiled step reads is guarded before every
-    token, by its path."""
+    All a decode step reads is on the layers themselves (no routing context, no dict of cached
+    tensors): every attribute a compiled step reads is guarded before every token, by its path."""
     state = layer._generation
     if state == GENERATION_FOLLOWER:
         handed = layer._handed
@@ -289,23 +227,14 @@ def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
         return handed[1] if handed[0] is x else None
     if torch.is_grad_enabled():
         return None
-    if isinstance(state, PackedFactors):
-        shapes = (state.a_shape, state.b_shape)
-    else:
-        shapes = () if isinstance(state, str) else tuple(t.shape for t in state)
-    if not shapes or any(len(shape) == 3 and shape[0] != x.shape[0] for shape in shapes):
+    if isinstance(state, str) or any(t.dim() == 3 and t.shape[0] != x.shape[0] for t in state):
         # not stacked yet for this call, or for another batch (beams expand it): stacked again
         if torch.compiler.is_compiling():  # nothing is stacked while compiling
             return None
         state = _prepare_generation(layer, x)
         if state is None:
             return None
-    if isinstance(state, PackedFactors):
-        flat = layer._generation_store.flat
-        a = flat[state.a_offset:state.b_offset].view(state.a_shape)
-        b = flat[state.b_offset:state.b_offset + math.prod(state.b_shape)].view(state.b_shape)
-    else:
-        a, b = state
+    a, b = state
     frozen = [(m.base_layer.weight, m.base_layer.bias) for m in (layer, *layer.siblings)]
     outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b))
     for sibling, out in zip(layer.siblings, outs[1:]):
@@ -313,9 +242,9 @@ def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
     return outs[0]
 
 
-def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor] | PackedFactors | None:
-    """Stack the group's factors for the call, hand them to the model's store and make the layer's
-    siblings followers; or record that the group runs the usual path."""
+def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Stack the group's factors for the call into the layer's buffers (reused while their shapes
+    hold) and make its siblings followers; or record that the group runs the usual path."""
     ctx = None if layer.routing_source is None else layer.routing_source.context
     stacked = None
     if ctx is None or not (ctx.collect_stats or ctx.collect_selections):
@@ -323,13 +252,17 @@ def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor]
     if stacked is None:
         for member in (layer, *layer.siblings):
             member._generation = None
-    else:
-        layer._generation = stacked
-        for sibling in layer.siblings:
-            sibling._generation, sibling._handed = GENERATION_FOLLOWER, None
-    if layer._generation_store is not None:
-        layer._generation_store.reached(layer, stacked)  # packing rewrites layer._generation
-    return layer._generation
+        return None
+    buffers = layer._generation_buffers
+    if buffers is None or any(buf.shape != new.shape or buf.dtype != new.dtype or buf.device != new.device
+                              for buf, new in zip(buffers, stacked)):
+        buffers = layer._generation_buffers = tuple(torch.empty_like(new) for new in stacked)
+    for buf, new in zip(buffers, stacked):
+        buf.copy_(new)
+    layer._generation = buffers
+    for sibling in layer.siblings:
+        sibling._generation, sibling._handed = GENERATION_FOLLOWER, None
+    return buffers
 
 
 def _fused_dtype(x: Tensor) -> torch.dtype:
