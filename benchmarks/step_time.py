@@ -272,13 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     if "floor" not in names:
         names = ["floor"] + names
     payload = {"environment": environment(), "results": {}}
+
+    def timed_generation(shape: dict) -> dict:
+        return generation(shape, rounds=args.generation_rounds, repeat=args.generation_repeat,
+                          modes=args.generation_modes, profile=args.generation_profile)
+
     for size in args.shape or [2048]:
         shape = SHAPES[size]
         if args.generation_only:
-            entry = {"shape": shape, "generation": generation(shape, rounds=args.generation_rounds,
-                                                               repeat=args.generation_repeat,
-                                                               modes=args.generation_modes,
-                                                               profile=args.generation_profile)}
+            entry = {"shape": shape, "generation": timed_generation(shape)}
             payload["results"][str(size)] = entry
             print(table(size, entry), flush=True)
             continue
@@ -332,9 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["best"]["queued_ratio_to_floor"] = row["best"]["queued_ms"] / floor_queued
         entry = {"shape": shape, "variants": rows}
         if args.generation:
-            entry["generation"] = generation(shape, rounds=args.generation_rounds, repeat=args.generation_repeat,
-                                             modes=args.generation_modes,
-                                             profile=args.generation_profile)
+            entry["generation"] = timed_generation(shape)
         payload["results"][str(size)] = entry
         print(table(size, entry), flush=True)
     path = write_results(args.name, payload, args.out)
