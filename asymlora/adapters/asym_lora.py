@@ -43,6 +43,9 @@ class AsymLoraLinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.shared_a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
 
+    def shared_a_rows(self) -> int:
+        return self.config.r
+
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         index = hard_route(x, ctx, self.router, self.config, self.name)
         return None if index is None else (self.shared_a, self.expert_b, None, index)

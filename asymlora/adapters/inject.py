@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .asym_lora import AsymLoraConfig, AsymLoraLinear
 from .config import DEFAULT_MODULES_TO_SAVE, AdapterConfig, ConfigError
-from .layer import GENERATION_PENDING, AdapterLayer
+from .layer import GENERATION_PENDING, AdapterLayer, link_frozen_rows
 from .lora_moe import LoraMoeConfig, LoraMoeLinear
 from .mix_lora import MixLoraConfig, MixLoraLinear
 from .routing import RoutingContext, RoutingSource
@@ -183,8 +183,23 @@ class AdapterModel(nn.Module):
             self.adapter_layers[name] = layer
         if config.fast_path and config.group_siblings:
             link_siblings(self.adapter_layers)
+        if config.fast_path and config.compute_dtype == "input":
+            self.link_frozen_rows()
         for name in self.modules_to_save:
             base_model.get_submodule(name).requires_grad_(True)
+
+    def link_frozen_rows(self) -> None:
+        """Give each adapted linear whose group's A is one for all samples (AsymLoRA; a gated
+        LoRA-MoE) room for that A below its frozen weight, padded to 64 rows: the fused op writes
+        the A there every forward and the frozen GEMM computes ``x Aᵀ`` with the base output
+        (kernels.lowrank_linear_group's ``frozen_rows``). The base weights become views of their
+        first rows: same values, same Parameters. Done at construction and after ``.to()`` or
+        ``load_state_dict``; call it again after replacing a base weight's memory otherwise
+        (``param.data = ...``) before running a compiled model."""
+        for layer in self.adapter_layers.values():
+            rows = sum(m.shared_a_rows() for m in (layer, *layer.siblings))
+            if all(m.shared_a_rows() > 0 for m in (layer, *layer.siblings)):
+                link_frozen_rows(layer, -(-rows // 64) * 64)
 
     # ----------------------------------------------------------------- routing inputs
     @property

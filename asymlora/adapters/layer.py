@@ -7,7 +7,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..kernels import LowRankMember, lowrank_linear_group, lowrank_linear_prepared, routed_matrices, stack_factors
+from ..kernels import (LowRankMember, lowrank_linear_group, lowrank_linear_prepared, routed_matrices, stack_factors,
+                       write_frozen_rows)
 from .routing import RoutingContext, RoutingSource
 
 
@@ -47,6 +48,28 @@ class AdapterLayer(nn.Module):
         self._generation: tuple[Tensor, Tensor] | str | None = None
         self._handed: tuple[Tensor, Tensor] | None = None
         self._generation_buffers: tuple[Tensor, Tensor] | None = None
+        # On the fast path (AdapterModel.link_frozen_rows): a (d_out + spare, d_in) tensor whose first
+        # d_out rows ARE the frozen weight's memory (the weight a view of them), the spare rows room
+        # for the group's shared A, so that the frozen GEMM also computes x Aᵀ
+        # (kernels.lowrank_linear_group's frozen_rows); and the weight Parameter they were linked to.
+        self._frozen_rows: Tensor | None = None
+        self._rows_weight: nn.Parameter | None = None
+        self.register_load_state_dict_post_hook(_relink_after_load)
+
+    def shared_a_rows(self) -> int:
+        """Rows of this layer's A that are one for all samples when its update is one op (AsymLoRA's
+        shared A; every expert's A under a gate): what can ride under a frozen weight. 0: none."""
+        return 0
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()`` ... give the base weight new memory: the frozen rows
+        follow it (rebuilt around the converted weight)."""
+        result = super()._apply(fn, recurse)
+        rows = self._frozen_rows
+        if rows is not None and (self.base_layer.weight is not self._rows_weight
+                                 or self.base_layer.weight.data_ptr() != rows.data_ptr()):
+            link_frozen_rows(self, rows.shape[0] - self.out_features)
+        return result
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, device=self.base_layer.weight.device, dtype=torch.float32))
@@ -92,13 +115,17 @@ class AdapterLayer(nn.Module):
         """This layer's output, and, when it has siblings that read the same x, theirs in the same op:
         each is left in the forward's ``routing.handover`` under its name, keyed by x itself."""
         member, scaling, x_adapter = spec
+        rows = None
+        if x_adapter is None:
+            weight, rows = self._frozen_weight(x)
+            member = member._replace(weight=weight)
         members, takers = [member], []
         if x_adapter is None and routing is not None:
             for sibling, sibling_spec in _sibling_specs(self, x, routing):
                 if sibling_spec is not None and sibling_spec[1] == scaling:
                     members.append(sibling_spec[0])
                     takers.append(sibling.name)
-        outs = _run_fused(x, members, scaling, x_adapter)
+        outs = _run_fused(x, members, scaling, x_adapter, rows)
         for name, out in zip(takers, outs[1:]):
             routing.handover[name] = (x, out)
         return outs[0]
@@ -123,6 +150,17 @@ class AdapterLayer(nn.Module):
         a, b, a_index, b_index = factors
         x_adapter = self.dropout(x) if _dropout_active(self) else None
         return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), self.scaling, x_adapter
+
+    def _frozen_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(weight, rows)``: the frozen weight as the fused op reads it, and the frozen rows it is
+        the first rows of, or None where they do not apply. Compiled, the weight is read through the
+        rows (a graph must not take two inputs that share memory when it writes one); eagerly it is
+        the Parameter, whose version counter is its own: writing the next forward's A into the rows
+        does not invalidate a backward still to come that saved the weight."""
+        rows = _usable_rows(self, x)
+        if rows is None or not torch.compiler.is_compiling():
+            return self.base_layer.weight, rows
+        return rows[:self.out_features], rows
 
     def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
         """Each member's ``(A, s·B)`` as the samples' routing selects them, stacked for
@@ -204,6 +242,56 @@ def _sibling_specs(layer: AdapterLayer, x: Tensor,
             for s in layer.siblings]
 
 
+def _usable_rows(layer: AdapterLayer, x: Tensor) -> Tensor | None:
+    """The layer's frozen rows where the fused op may read its weight through them: still linked to
+    the base weight (the same Parameter, frozen, in the dtype the op runs in). A base weight
+    replaced by another Parameter (FSDP2's sharding, ``load_state_dict(assign=True)`` is relinked
+    by its hook) lets the rows go; one whose memory was swapped under the same Parameter
+    (``param.data = ...``) is caught eagerly, where addresses can be read (a compiled graph guards
+    the Parameter's identity, not its memory: call ``link_frozen_rows`` after such a swap)."""
+    rows = layer._frozen_rows
+    if rows is None:
+        return None
+    weight = layer.base_layer.weight
+    if weight is not layer._rows_weight or (not torch.compiler.is_compiling() and weight.data_ptr() != rows.data_ptr()):
+        layer._frozen_rows = layer._rows_weight = None
+        return None
+    if weight.requires_grad or rows.dtype != _fused_dtype(x):
+        return None
+    return rows
+
+
+def _rows_eligible(weight: Tensor) -> bool:
+    return (type(weight) is nn.Parameter and weight.dim() == 2 and weight.is_floating_point()
+            and weight.device.type != "meta" and weight.is_contiguous() and not weight.requires_grad)
+
+
+def link_frozen_rows(layer: AdapterLayer, spare: int) -> None:
+    """Give the layer's frozen weight ``spare`` rows of room below it: a new ``(d_out + spare, d_in)``
+    tensor takes the weight's values in its first rows and the weight becomes a view of them (the
+    same Parameter: state dicts, saving, merging and tied modules see the same weight). Nothing
+    where the weight is not a plain frozen floating-point Parameter (quantized, on meta, trained)."""
+    weight = layer.base_layer.weight
+    if spare <= 0 or not _rows_eligible(weight):
+        layer._frozen_rows = layer._rows_weight = None
+        return
+    with torch.no_grad():
+        rows = torch.zeros(weight.shape[0] + spare, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        rows[:weight.shape[0]].copy_(weight)
+        weight.data = rows[:weight.shape[0]]
+    torch._dynamo.mark_static_address(rows, guard=False)  # a CUDA graph reads it in place, like a parameter
+    layer._frozen_rows = rows
+    object.__setattr__(layer, "_rows_weight", weight)  # a reference, not a parameter of the layer
+
+
+def _relink_after_load(layer: AdapterLayer, incompatible_keys) -> None:
+    """After ``load_state_dict`` (``assign=True`` puts a new Parameter in the base layer)."""
+    rows = layer._frozen_rows
+    if rows is not None and (layer.base_layer.weight is not layer._rows_weight
+                             or layer.base_layer.weight.data_ptr() != rows.data_ptr()):
+        link_frozen_rows(layer, rows.shape[0] - layer.out_features)
+
+
 GENERATION_PENDING = "pending"  # a layer's state in a generate call before the prompt's pass reaches it
 GENERATION_FOLLOWER = "follower"  # ... once the first member of its group computes its output
 
@@ -227,24 +315,27 @@ def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
         return handed[1] if handed[0] is x else None
     if torch.is_grad_enabled():
         return None
-    if isinstance(state, str) or any(t.dim() == 3 and t.shape[0] != x.shape[0] for t in state):
+    if isinstance(state, str) or any(t.dim() == 3 and t.shape[0] != x.shape[0] for t in state[:2]):
         # not stacked yet for this call, or for another batch (beams expand it): stacked again
         if torch.compiler.is_compiling():  # nothing is stacked while compiling
             return None
         state = _prepare_generation(layer, x)
         if state is None:
             return None
-    a, b = state
+    a, b, rows = state
     frozen = [(m.base_layer.weight, m.base_layer.bias) for m in (layer, *layer.siblings)]
-    outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b))
+    if rows is not None:  # the group's A below the layer's weight, written at the prompt
+        frozen[0] = (rows[:layer.out_features], frozen[0][1])
+    outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b, rows))
     for sibling, out in zip(layer.siblings, outs[1:]):
         sibling._handed = (x, out)
     return outs[0]
 
 
-def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor] | None:
+def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
     """Stack the group's factors for the call into the layer's buffers (reused while their shapes
-    hold) and make its siblings followers; or record that the group runs the usual path."""
+    hold), and a stacked A that is one for all samples below the layer's weight too where its
+    frozen rows have room; make its siblings followers. Or record that the group runs the usual path."""
     ctx = None if layer.routing_source is None else layer.routing_source.context
     stacked = None
     if ctx is None or not (ctx.collect_stats or ctx.collect_selections):
@@ -259,10 +350,15 @@ def _prepare_generation(layer: AdapterLayer, x: Tensor) -> tuple[Tensor, Tensor]
         buffers = layer._generation_buffers = tuple(torch.empty_like(new) for new in stacked)
     for buf, new in zip(buffers, stacked):
         buf.copy_(new)
-    layer._generation = buffers
+    rows = _usable_rows(layer, x)
+    if rows is not None and buffers[0].dim() == 2 and rows.shape[0] >= layer.out_features + buffers[0].shape[0]:
+        write_frozen_rows(rows, layer.out_features, buffers[0])
+    else:
+        rows = None
+    layer._generation = (*buffers, rows)
     for sibling in layer.siblings:
         sibling._generation, sibling._handed = GENERATION_FOLLOWER, None
-    return buffers
+    return layer._generation
 
 
 def _fused_dtype(x: Tensor) -> torch.dtype:
@@ -284,12 +380,14 @@ def _run_autocast_free(x: Tensor, frozen: list[tuple[Tensor, Tensor | None]], op
         return op(x.to(dtype), frozen)
 
 
-def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None) -> list[Tensor]:
-    """The group op on ``x``, autocast-free (:func:`_run_autocast_free`)."""
+def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None,
+               rows: Tensor | None = None) -> list[Tensor]:
+    """The group op on ``x``, autocast-free (:func:`_run_autocast_free`); ``rows`` (in the fused
+    dtype, so autocast's cast leaves member 0's weight their view) extend member 0's weight."""
     if x_adapter is not None and torch.is_autocast_enabled(x.device.type):
         x_adapter = x_adapter.to(_fused_dtype(x))
 
     def op(x, frozen):
         ms = [m._replace(weight=w, bias=bias) for m, (w, bias) in zip(members, frozen)]
-        return lowrank_linear_group(x, ms, scaling, x_adapter)
+        return lowrank_linear_group(x, ms, scaling, x_adapter, rows)
     return _run_autocast_free(x, [(m.weight, m.bias) for m in members], op)

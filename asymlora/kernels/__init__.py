@@ -10,7 +10,8 @@ Every fast path is tested against its reference (forward and gradients) on fresh
 """
 
 from .fused import (LowRankMember, lowrank_linear, lowrank_linear_group, lowrank_linear_group_reference,
-                    lowrank_linear_prepared, lowrank_linear_reference, routed_matrices, stack_factors)
+                    lowrank_linear_prepared, lowrank_linear_reference, routed_matrices, stack_factors,
+                    write_frozen_rows)
 from .reference import asym_lora_delta_reference, lora_moe_delta_reference, mix_lora_delta_reference
 from .stacked import (asym_lora_delta_indexed, asym_lora_delta_stacked, lora_moe_delta_indexed,
                       lora_moe_delta_stacked, mix_lora_delta_pairing)
@@ -46,4 +47,4 @@ def mix_lora_delta(x, factor_a, factor_b, index_a, index_b, coef_a, coef_b, scal
 
 __all__ = ["asym_lora_delta", "lora_moe_delta", "mix_lora_delta", "LowRankMember", "lowrank_linear",
            "lowrank_linear_group", "lowrank_linear_group_reference", "lowrank_linear_prepared", "lowrank_linear_reference",
-           "routed_matrices", "stack_factors"]
+           "routed_matrices", "stack_factors", "write_frozen_rows"]

@@ -126,13 +126,22 @@ def test_fused_op_with_float32_tables_matches_reference(form):
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
 
 
+def _rows_for(weight, spare=128):
+    """A weight moved into the first rows of a (d_out + spare, d_in) tensor: (rows, the weight's view)."""
+    rows = torch.zeros(weight.shape[0] + spare, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    rows[:weight.shape[0]] = weight
+    return rows, rows[:weight.shape[0]]
+
+
+@pytest.mark.parametrize("frozen_rows", [False, True], ids=["", "rows"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("form", ["asym_task", "moe_task", "mix_rows", "asym_soft"])
-def test_group_op_matches_reference_bf16(form, compiled):
+def test_group_op_matches_reference_bf16(form, compiled, frozen_rows):
     """q, k and v as one op (one x Aᵀ GEMM, one low-rank input gradient with each G W accumulated
     onto it), float32 tables under a bf16 input, against one reference per member, all against
     float64; eagerly and compiled by inductor (which sums an expert table's gradient over the
-    batch by one-hot instead of index_add_)."""
+    batch by one-hot instead of index_add_). With frozen rows, a shared A (asym) rides under q's
+    weight and q's frozen GEMM yields h; per-sample A's (moe, mix) leave them unused."""
     torch._dynamo.reset()
     b, t, d_in, r, n, e = 4, 256, 2048, 32, 3, 32
     g = torch.Generator(device="cuda").manual_seed(13)
@@ -158,8 +167,16 @@ def test_group_op_matches_reference_bf16(form, compiled):
         members.append(m)
         leaves += [t_ for t_ in (m.a, m.b, m.gate) if t_ is not None]
     ups = [torch.randn(b, t, m.weight.shape[0], device="cuda", dtype=torch.bfloat16) for m in members]
+    rows = _rows_for(members[0].weight)[0] if frozen_rows else None
+
+    def op(x, members, scaling):
+        if rows is not None:  # the weight read through the rows (a graph takes no two aliased inputs)
+            members = [members[0]._replace(weight=rows[:members[0].weight.shape[0]]), *members[1:]]
+        return kernels.lowrank_linear_group(x, members, scaling, frozen_rows=rows)
+    if rows is not None:
+        members[0] = members[0]._replace(weight=rows[:members[0].weight.shape[0]])
     results = {}
-    fast = torch.compile(kernels.lowrank_linear_group, fullgraph=True) if compiled else kernels.lowrank_linear_group
+    fast = torch.compile(op, fullgraph=True) if compiled else op
     for name, fn in (("fast", fast), ("ref", kernels.lowrank_linear_group_reference)):
         ys = fn(x, members, 2.0)
         loss = sum((y.float() * u.float()).sum() for y, u in zip(ys, ups))
@@ -169,6 +186,8 @@ def test_group_op_matches_reference_bf16(form, compiled):
                                          for v in m)) for m in members]
     ys64 = kernels.lowrank_linear_group_reference(d[id(x)], members64, 2.0)
     g64 = torch.autograd.grad(sum((y * u.double()).sum() for y, u in zip(ys64, ups)), [d[id(v)] for v in leaves])
+    if rows is not None:  # where the A is shared, h came out of q's GEMM (q a view of its output)
+        assert (results["fast"][0][0].stride(1) == rows.shape[0]) == form.startswith("asym")
     for yf, yr, yt in zip(results["fast"][0], results["ref"][0], ys64):
         assert rel(yf, yt) < max(1e-2, 2 * rel(yr, yt))
     for gf, gr, gt, leaf in zip(results["fast"][1], results["ref"][1], g64, leaves):
@@ -177,8 +196,9 @@ def test_group_op_matches_reference_bf16(form, compiled):
 
 
 @pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024), (11008,)])
-@pytest.mark.parametrize("per_sample_a", [False, True])
-def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a, monkeypatch):
+@pytest.mark.parametrize("per_sample_a,frozen_rows", [(False, False), (True, False), (False, True)],
+                         ids=["shared_a", "per_sample_a", "shared_a_rows"])
+def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a, frozen_rows, monkeypatch):
     """Generation's op (factors stacked once, then decode steps): eagerly, and compiled by inductor
     as a decode step (one token a sample: both products become float32 sums, the second fused with the
     frozen outputs), against the bf16 reference and float64."""
@@ -195,7 +215,11 @@ def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a, mon
     factors = kernels.stack_factors(
         [(a, bb * 2.0) for a, bb in (kernels.routed_matrices(m.a, m.b, m.a_index, m.b_index, torch.bfloat16)
                                      for m in members)], b)
-    frozen = [(m.weight, None) for m in members]
+    frozen, rows = [(m.weight, None) for m in members], None
+    if frozen_rows:  # the stacked A written below the first weight once, as generate's prompt does
+        rows, view = _rows_for(members[0].weight)
+        kernels.write_frozen_rows(rows, widths[0], factors[0])
+        frozen[0] = (view, None)
     ref = kernels.lowrank_linear_group_reference(x, members, 2.0)
     members64 = [kernels.LowRankMember(*(v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                                          for v in m)) for m in members]
@@ -205,7 +229,7 @@ def test_prepared_generation_op_matches_reference_bf16(widths, per_sample_a, mon
     traced, real = [], fused._decode_outputs
     monkeypatch.setattr(fused, "_decode_outputs", lambda *a: traced.append(1) or real(*a))
     compiled = torch.compile(kernels.lowrank_linear_prepared, fullgraph=True)
-    runs = (kernels.lowrank_linear_prepared(x, frozen, *factors), compiled(x, frozen, *factors))
+    runs = (kernels.lowrank_linear_prepared(x, frozen, *factors, rows), compiled(x, frozen, *factors, rows))
     assert traced  # the compiled decode step on a GPU takes the sums' form
     for outs in runs:
         for y, yr, yt in zip(outs, ref, truth):
