@@ -43,8 +43,8 @@ class AsymLoraLinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.shared_a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
 
-    def shared_a_rows(self) -> int:
-        return self.config.r
+    def shared_a_rows(self) -> int:  # generation stacks factors where routing is by task
+        return self.config.r if self.config.routing in ("task", "task_supervised") else 0
 
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         index = hard_route(x, ctx, self.router, self.config, self.name)

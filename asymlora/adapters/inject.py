@@ -189,17 +189,20 @@ class AdapterModel(nn.Module):
             base_model.get_submodule(name).requires_grad_(True)
 
     def link_frozen_rows(self) -> None:
-        """Give each adapted linear whose group's A is one for all samples (AsymLoRA; a gated
-        LoRA-MoE) room for that A below its frozen weight, padded to 64 rows: the fused op writes
-        the A there every forward and the frozen GEMM computes ``x Aᵀ`` with the base output
-        (kernels.lowrank_linear_group's ``frozen_rows``). The base weights become views of their
-        first rows: same values, same Parameters. Done at construction and after ``.to()`` or
-        ``load_state_dict``; call it again after replacing a base weight's memory otherwise
-        (``param.data = ...``) before running a compiled model."""
+        """Give the first adapted linear of each group (q_proj for q, k, v; gate_proj; o_proj and
+        down_proj alone) whose A is one for all samples in ``generate`` (AsymLoRA, task routing)
+        room for the group's stacked A below its frozen weight, padded to 64 rows: each call's prompt
+        writes it there and every decode step's frozen GEMM computes ``x Aᵀ`` with the base output
+        (kernels.lowrank_linear_prepared's ``frozen_rows``: one kernel fewer a group and token).
+        Those base weights become views of their first rows: same values, same Parameters, same
+        state dict. Done at construction and kept through ``.to()`` and ``load_state_dict``; a
+        weight replaced otherwise lets its rows go (call this again to relink)."""
         for layer in self.adapter_layers.values():
-            rows = sum(m.shared_a_rows() for m in (layer, *layer.siblings))
-            if all(m.shared_a_rows() > 0 for m in (layer, *layer.siblings)):
-                link_frozen_rows(layer, -(-rows // 64) * 64)
+            group = (layer, *layer.siblings)
+            if any(m._frozen_rows is not None for m in layer.siblings):
+                continue  # a sibling before it in the module leads the group
+            if all(m.shared_a_rows() > 0 for m in group):
+                link_frozen_rows(layer, -(-sum(m.shared_a_rows() for m in group) // 64) * 64)
 
     # ----------------------------------------------------------------- routing inputs
     @property

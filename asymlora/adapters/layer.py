@@ -48,17 +48,17 @@ class AdapterLayer(nn.Module):
         self._generation: tuple[Tensor, Tensor] | str | None = None
         self._handed: tuple[Tensor, Tensor] | None = None
         self._generation_buffers: tuple[Tensor, Tensor] | None = None
-        # On the fast path (AdapterModel.link_frozen_rows): a (d_out + spare, d_in) tensor whose first
-        # d_out rows ARE the frozen weight's memory (the weight a view of them), the spare rows room
-        # for the group's shared A, so that the frozen GEMM also computes x Aᵀ
-        # (kernels.lowrank_linear_group's frozen_rows); and the weight Parameter they were linked to.
+        # On a group's first layer (AdapterModel.link_frozen_rows): a (d_out + spare, d_in) tensor whose
+        # first d_out rows ARE the frozen weight's memory (the weight a view of them), the spare rows
+        # room for the group's stacked A during generate, so that a decode step's frozen GEMM also
+        # computes x Aᵀ (kernels.lowrank_linear_prepared's frozen_rows); and the Parameter they hold.
         self._frozen_rows: Tensor | None = None
         self._rows_weight: nn.Parameter | None = None
         self.register_load_state_dict_post_hook(_relink_after_load)
 
     def shared_a_rows(self) -> int:
-        """Rows of this layer's A that are one for all samples when its update is one op (AsymLoRA's
-        shared A; every expert's A under a gate): what can ride under a frozen weight. 0: none."""
+        """Rows of this layer's A that are one for all samples when ``generate`` stacks the factors
+        (AsymLoRA's shared A under task routing): what can ride under a frozen weight. 0: none."""
         return 0
 
     def _apply(self, fn, recurse: bool = True):
@@ -115,17 +115,13 @@ class AdapterLayer(nn.Module):
         """This layer's output, and, when it has siblings that read the same x, theirs in the same op:
         each is left in the forward's ``routing.handover`` under its name, keyed by x itself."""
         member, scaling, x_adapter = spec
-        rows = None
-        if x_adapter is None:
-            weight, rows = self._frozen_weight(x)
-            member = member._replace(weight=weight)
         members, takers = [member], []
         if x_adapter is None and routing is not None:
             for sibling, sibling_spec in _sibling_specs(self, x, routing):
                 if sibling_spec is not None and sibling_spec[1] == scaling:
                     members.append(sibling_spec[0])
                     takers.append(sibling.name)
-        outs = _run_fused(x, members, scaling, x_adapter, rows)
+        outs = _run_fused(x, members, scaling, x_adapter)
         for name, out in zip(takers, outs[1:]):
             routing.handover[name] = (x, out)
         return outs[0]
@@ -150,17 +146,6 @@ class AdapterLayer(nn.Module):
         a, b, a_index, b_index = factors
         x_adapter = self.dropout(x) if _dropout_active(self) else None
         return LowRankMember(base.weight, base.bias, a, b, a_index, b_index, gate), self.scaling, x_adapter
-
-    def _frozen_weight(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(weight, rows)``: the frozen weight as the fused op reads it, and the frozen rows it is
-        the first rows of, or None where they do not apply. Compiled, the weight is read through the
-        rows (a graph must not take two inputs that share memory when it writes one); eagerly it is
-        the Parameter, whose version counter is its own: writing the next forward's A into the rows
-        does not invalidate a backward still to come that saved the weight."""
-        rows = _usable_rows(self, x)
-        if rows is None or not torch.compiler.is_compiling():
-            return self.base_layer.weight, rows
-        return rows[:self.out_features], rows
 
     def _generation_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, Tensor] | None:
         """Each member's ``(A, s·B)`` as the samples' routing selects them, stacked for
@@ -243,34 +228,30 @@ def _sibling_specs(layer: AdapterLayer, x: Tensor,
 
 
 def _usable_rows(layer: AdapterLayer, x: Tensor) -> Tensor | None:
-    """The layer's frozen rows where the fused op may read its weight through them: still linked to
-    the base weight (the same Parameter, frozen, in the dtype the op runs in). A base weight
-    replaced by another Parameter (FSDP2's sharding, ``load_state_dict(assign=True)`` is relinked
-    by its hook) lets the rows go; one whose memory was swapped under the same Parameter
-    (``param.data = ...``) is caught eagerly, where addresses can be read (a compiled graph guards
-    the Parameter's identity, not its memory: call ``link_frozen_rows`` after such a swap)."""
+    """The layer's frozen rows where generation may read its weight through them (checked at each
+    call's prompt, eagerly): still the memory of the base weight, in the dtype the op runs in. A
+    weight replaced by another Parameter (FSDP2's sharding; ``load_state_dict(assign=True)`` is
+    relinked by its hook) or given other memory (``param.data = ...``) lets them go."""
     rows = layer._frozen_rows
     if rows is None:
         return None
     weight = layer.base_layer.weight
-    if weight is not layer._rows_weight or (not torch.compiler.is_compiling() and weight.data_ptr() != rows.data_ptr()):
+    if weight is not layer._rows_weight or weight.data_ptr() != rows.data_ptr():
         layer._frozen_rows = layer._rows_weight = None
         return None
-    if weight.requires_grad or rows.dtype != _fused_dtype(x):
-        return None
-    return rows
+    return rows if rows.dtype == _fused_dtype(x) else None
 
 
 def _rows_eligible(weight: Tensor) -> bool:
     return (type(weight) is nn.Parameter and weight.dim() == 2 and weight.is_floating_point()
-            and weight.device.type != "meta" and weight.is_contiguous() and not weight.requires_grad)
+            and weight.device.type != "meta" and weight.is_contiguous())
 
 
 def link_frozen_rows(layer: AdapterLayer, spare: int) -> None:
     """Give the layer's frozen weight ``spare`` rows of room below it: a new ``(d_out + spare, d_in)``
     tensor takes the weight's values in its first rows and the weight becomes a view of them (the
     same Parameter: state dicts, saving, merging and tied modules see the same weight). Nothing
-    where the weight is not a plain frozen floating-point Parameter (quantized, on meta, trained)."""
+    where the weight is not a plain floating-point Parameter (quantized, on meta)."""
     weight = layer.base_layer.weight
     if spare <= 0 or not _rows_eligible(weight):
         layer._frozen_rows = layer._rows_weight = None
@@ -380,14 +361,12 @@ def _run_autocast_free(x: Tensor, frozen: list[tuple[Tensor, Tensor | None]], op
         return op(x.to(dtype), frozen)
 
 
-def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None,
-               rows: Tensor | None = None) -> list[Tensor]:
-    """The group op on ``x``, autocast-free (:func:`_run_autocast_free`); ``rows`` (in the fused
-    dtype, so autocast's cast leaves member 0's weight their view) extend member 0's weight."""
+def _run_fused(x: Tensor, members: list[LowRankMember], scaling: float, x_adapter: Tensor | None) -> list[Tensor]:
+    """The group op on ``x``, autocast-free (:func:`_run_autocast_free`)."""
     if x_adapter is not None and torch.is_autocast_enabled(x.device.type):
         x_adapter = x_adapter.to(_fused_dtype(x))
 
     def op(x, frozen):
         ms = [m._replace(weight=w, bias=bias) for m, (w, bias) in zip(members, frozen)]
-        return lowrank_linear_group(x, ms, scaling, x_adapter, rows)
+        return lowrank_linear_group(x, ms, scaling, x_adapter)
     return _run_autocast_free(x, [(m.weight, m.bias) for m in members], op)

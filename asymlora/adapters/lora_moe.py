@@ -39,9 +39,6 @@ class LoraMoeLinear(AdapterLayer):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.expert_b)
 
-    def shared_a_rows(self) -> int:  # every expert's A, read by a gate (task routing picks one per sample)
-        return 0 if self.config.routing == "task" else self.config.num_experts * self.config.r
-
     def routed_factors(self, x: Tensor, ctx: RoutingContext | None) -> tuple | None:
         index = hard_route(x, ctx, self.router, self.config, self.name)
         return None if index is None else (self.expert_a, self.expert_b, index, index)

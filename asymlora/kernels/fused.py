@@ -208,63 +208,21 @@ def _columns(h: Tensor, sizes: list[int]) -> list[Tensor]:
     return [h] if len(sizes) == 1 else list(h.split(sizes, dim=-1))
 
 
-def _forward(x: Tensor, x_a: Tensor | None, members: list[LowRankMember], scaling: float, rows: Tensor | None = None,
-             ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor], list[tuple[int, int]]]:
+def _forward(x: Tensor, x_a: Tensor | None, members: list[LowRankMember],
+             scaling: float) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor], list[tuple[int, int]]]:
     """The outputs, and what the backward needs: h = s · x_a [A_1; A_2; ...]ᵀ, the stacked A, each B,
-    and each member's (rows of A, dims of its selected A). With ``rows`` (:func:`lowrank_linear_group`)
-    where the stacked A fits there, h comes out of member 0's frozen GEMM (a view of its output)."""
+    and each member's (rows of A, dims of its selected A)."""
     src = x if x_a is None else x_a
     selected = [_select(m, x.dtype) for m in members]
     layout = [(a_m.shape[-2], a_m.dim()) for a_m, _ in selected]
     sizes = [rows for rows, _ in layout]
     a_cat = _stack_a([a_m for a_m, _ in selected], x.shape[0])
-    first = None
-    if _rows_apply(rows, x, x_a, members[0], a_cat):
-        h, first = _frozen_with_rows(x, rows, members[0], a_cat, scaling)
-    else:
-        h = _times(src, a_cat, transpose=True, alpha=scaling)  # (batch, seq, ΣR): x read once for all
+    h = _times(src, a_cat, transpose=True, alpha=scaling)  # (batch, seq, ΣR): x read once for all
     outs = []
-    for i, (m, (_, b_m), h_m) in enumerate(zip(members, selected, _columns(h, sizes))):
+    for m, (_, b_m), h_m in zip(members, selected, _columns(h, sizes)):
         u = h_m if m.gate is None else _gate_expand(h_m, m.gate.to(x.dtype), m.b.shape[-1])
-        if i == 0 and first is not None:  # the frozen output is written: the update adds itself onto it
-            _accumulate_mm(first, u, b_m, transpose=True)
-            outs.append(first)
-        else:
-            outs.append(_member_output(x, u, b_m, m.weight, m.bias))
+        outs.append(_member_output(x, u, b_m, m.weight, m.bias))
     return outs, h, a_cat, [b_m for _, b_m in selected], layout
-
-
-def _rows_apply(rows: Tensor | None, x: Tensor, x_a: Tensor | None, first: LowRankMember, a_cat: Tensor) -> bool:
-    """Whether the group's stacked A rides under member 0's frozen weight: rows given, one A for
-    every sample (a 2-D stack), the adapter reading x itself, and room below the weight."""
-    return (rows is not None and x_a is None and a_cat.dim() == 2 and rows.dtype == x.dtype
-            and rows.shape[0] >= first.weight.shape[0] + a_cat.shape[0])
-
-
-def _check_rows(rows: Tensor, weight: Tensor) -> None:
-    """``rows`` must hold ``weight`` as its first rows (the same memory), checked where it is free to
-    (eagerly: a compiled graph cannot read addresses; the caller keeps them linked there)."""
-    if rows.dim() != 2 or rows.shape[1] != weight.shape[1] or rows.dtype != weight.dtype:
-        raise ValueError(f"frozen_rows {tuple(rows.shape)} {rows.dtype} cannot extend a weight "
-                         f"{tuple(weight.shape)} {weight.dtype}")
-    if not torch.compiler.is_compiling() and not (
-            rows.data_ptr() == weight.data_ptr() and rows.device == weight.device and weight.is_contiguous()):
-        raise ValueError("frozen_rows must hold member 0's weight as its first rows (the same memory)")
-
-
-def _frozen_with_rows(x: Tensor, rows: Tensor, first: LowRankMember, a_cat: Tensor,
-                      scaling: float, write: bool = True) -> tuple[Tensor, Tensor]:
-    """``(h, y_0)``: the stacked A, scaled, written below member 0's weight, then one GEMM over all
-    the rows: its first ``d_out`` columns are member 0's frozen output (+ bias), the next ΣR are
-    ``h = s · x Aᵀ``; both views of one ``(batch, seq, rows)`` tensor."""
-    d_out, r_total = first.weight.shape[0], a_cat.shape[0]
-    if write:  # (generation's caller wrote them once for the call)
-        write_frozen_rows(rows, d_out, a_cat * scaling)
-    y = _times(x, rows, transpose=True)
-    out = y[..., :d_out]
-    if first.bias is not None:
-        out.add_(first.bias)
-    return y[..., d_out:d_out + r_total], out
 
 
 def _member_output(x: Tensor, u: Tensor, b_m: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -315,7 +273,7 @@ def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members:
     for i, (m, b_m, h_m) in enumerate(zip(members, b_ms, _columns(h, sizes))):
         need_w, need_bias, need_a, need_b, _, _, need_gate = needs[2 + i * _FIELDS: 2 + (i + 1) * _FIELDS]
         need_as.append(need_a)
-        grad = _flat_viewable(grads[i])
+        grad = grads[i].contiguous()
         flat = grad.view(-1, grad.shape[-1])
         mg: list[Tensor | None] = [None] * _FIELDS
         if m.gate is None:
@@ -356,14 +314,6 @@ def _backward(grads: tuple[Tensor, ...], x: Tensor, x_a: Tensor | None, members:
     return grad_x, grad_xa, member_grads
 
 
-def _flat_viewable(t: Tensor) -> Tensor:
-    """``t`` (batch, seq, d) as is where its rows can be viewed as one matrix (a GEMM reads it with
-    its row stride: a gradient laid out like member 0's strided output), else a contiguous copy."""
-    if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] and t.stride(0) == t.shape[1] * t.stride(1):
-        return t
-    return t.contiguous()
-
-
 def _distinct(fields: list[Tensor | None]) -> tuple[list[Tensor], tuple[int, ...]]:
     """Each distinct tensor once, and where each field finds it (-1: None). Members share index
     tensors (one task index for q, k and v), and torch.compile cannot trace an autograd.Function
@@ -390,15 +340,13 @@ def _members(distinct: tuple[Tensor, ...], slots: tuple[int, ...]) -> list[LowRa
 
 
 class _LowRankGroup(torch.autograd.Function):
-    """Inputs: x, x_a, rows, scaling, the members' field slots, then the distinct tensors of their
-    fields (LowRankMember order); one output per member."""
+    """Inputs: x, x_a, scaling, the members' field slots, then the distinct tensors of their fields
+    (LowRankMember order); one output per member."""
 
     @staticmethod
-    def forward(ctx, x, x_a, rows, scaling, slots, *distinct):
+    def forward(ctx, x, x_a, scaling, slots, *distinct):
         members = _members(distinct, slots)
-        outs, h, a_cat, b_ms, layout = _forward(x, x_a, members, scaling, rows)
-        if not h.is_contiguous():  # a view of member 0's output (rows): kept alone, not that whole output
-            h = h.contiguous()
+        outs, h, a_cat, b_ms, layout = _forward(x, x_a, members, scaling)
         ctx.save_for_backward(x, x_a, h, a_cat, *b_ms, *distinct)
         ctx.scaling, ctx.layout, ctx.slots, ctx.count = scaling, layout, slots, len(members)
         return tuple(outs)
@@ -410,30 +358,23 @@ class _LowRankGroup(torch.autograd.Function):
         b_ms, distinct = list(saved[4:4 + ctx.count]), saved[4 + ctx.count:]
         members = _members(distinct, ctx.slots)
         needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                 *(j >= 0 and ctx.needs_input_grad[5 + j] for j in ctx.slots)]
+                 *(j >= 0 and ctx.needs_input_grad[4 + j] for j in ctx.slots)]
         grad_x, grad_xa, member_grads = _backward(grads, x, x_a, members, h, a_cat, b_ms, ctx.layout,
                                                   ctx.scaling, needs)
         distinct_grads: list[Tensor | None] = [None] * len(distinct)
         for j, g in zip(ctx.slots, (g for mg in member_grads for g in mg)):
             if g is not None:
                 distinct_grads[j] = g if distinct_grads[j] is None else distinct_grads[j] + g
-        return (grad_x, grad_xa, None, None, None, *distinct_grads)
+        return (grad_x, grad_xa, None, None, *distinct_grads)
 
 
 def lowrank_linear_group(x: Tensor, members: Sequence[LowRankMember], scaling: float,
-                         x_adapter: Tensor | None = None, frozen_rows: Tensor | None = None) -> list[Tensor]:
+                         x_adapter: Tensor | None = None) -> list[Tensor]:
     """:func:`lowrank_linear` for several linears that read the same ``x`` (a layer's q, k and v;
     an MLP's gate and up): one GEMM computes every member's ``x Aᵀ`` and, in the backward, one
     GEMM every A's gradient and one the whole low-rank input gradient, onto which each frozen
     ``G_i W_i`` accumulates in place (autograd would write and sum one input gradient per linear).
-    Returns each member's output; ``scaling`` is common to all.
-
-    ``frozen_rows``: a ``(d_out_0 + spare, d_in)`` tensor whose first ``d_out_0`` rows are member
-    0's frozen weight itself (the same memory; member 0's output is then a view with a row stride
-    of ``d_out_0 + spare``). Where every member's A is one for all samples (AsymLoRA's shared A,
-    any gated form) and they fit in the spare rows, they are written there, scaled, and member 0's
-    frozen GEMM also yields ``h = s · x Aᵀ``: no GEMM of its own reads x for h. Elsewhere it is
-    not used."""
+    Returns each member's output; ``scaling`` is common to all."""
     members = [m if isinstance(m, LowRankMember) else LowRankMember(*m) for m in members]
     if not members:
         raise ValueError("lowrank_linear_group needs at least one member")
@@ -443,16 +384,12 @@ def lowrank_linear_group(x: Tensor, members: Sequence[LowRankMember], scaling: f
         if m.gate is not None and (m.a_index is not None or m.b_index is not None or m.b.dim() != 3):
             raise ValueError(f"member {i}: a gated update takes the expert tables (b: (N, d_out, r)) and no indices")
     scaling = float(scaling)
-    if frozen_rows is not None:
-        _check_rows(frozen_rows, members[0].weight)
-        if members[0].weight.requires_grad:
-            raise ValueError("frozen_rows extends a frozen weight: member 0's weight requires grad")
     distinct, slots = _distinct([t for m in members for t in m])
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, x_adapter, *distinct))
     if not wants_grad:  # inference: nothing to save
-        return _forward(x, x_adapter, members, scaling, frozen_rows)[0]
-    return list(_LowRankGroup.apply(x, x_adapter, frozen_rows, scaling, slots, *distinct))
+        return _forward(x, x_adapter, members, scaling)[0]
+    return list(_LowRankGroup.apply(x, x_adapter, scaling, slots, *distinct))
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
@@ -521,7 +458,7 @@ def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | N
         h = _times(x, a, transpose=True)  # (batch, seq, M·r)
         first = None
     else:
-        h, first = _frozen_with_rows(x, frozen_rows, LowRankMember(*frozen[0], a, b), a, 1.0, write=False)
+        h, first = _frozen_with_rows(x, frozen_rows, frozen[0], a.shape[0])
     outs = []
     for i, ((w, bias), h_m, b_m) in enumerate(zip(frozen, h.split(r, dim=-1), b.split(sizes, dim=-2))):
         if i == 0 and first is not None:
@@ -530,6 +467,29 @@ def lowrank_linear_prepared(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | N
         else:
             outs.append(_member_output(x, h_m, b_m, w, bias))
     return outs
+
+
+def _check_rows(rows: Tensor, weight: Tensor) -> None:
+    """``rows`` must hold ``weight`` as its first rows (the same memory; checked eagerly: a compiled
+    graph cannot read addresses, the caller keeps them linked there)."""
+    if rows.dim() != 2 or rows.shape[1] != weight.shape[1] or rows.dtype != weight.dtype:
+        raise ValueError(f"frozen_rows {tuple(rows.shape)} {rows.dtype} cannot extend a weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    if not torch.compiler.is_compiling() and not (
+            rows.data_ptr() == weight.data_ptr() and rows.device == weight.device and weight.is_contiguous()):
+        raise ValueError("frozen_rows must hold member 0's weight as its first rows (the same memory)")
+
+
+def _frozen_with_rows(x: Tensor, rows: Tensor, frozen: tuple[Tensor, Tensor | None],
+                      r_total: int) -> tuple[Tensor, Tensor]:
+    """``(h, y_0)`` from one GEMM over all the rows: its first ``d_out`` columns are member 0's
+    frozen output (+ bias), the next ``r_total`` are ``h = x Aᵀ``; views of one output."""
+    d_out, bias = frozen[0].shape[0], frozen[1]
+    y = _times(x, rows, transpose=True)
+    out = y[..., :d_out]
+    if bias is not None:
+        out.add_(bias)
+    return y[..., d_out:d_out + r_total], out
 
 
 def write_frozen_rows(frozen_rows: Tensor, d_out: int, a: Tensor) -> None:
@@ -554,7 +514,9 @@ def _decode_outputs(x: Tensor, frozen: Sequence[tuple[Tensor, Tensor | None]], a
     GEMM writes in x's dtype) and rounded to x's dtype: written for the compiler to fuse; correct
     eagerly too, where it materialises the products. The frozen part is thus rounded twice where
     the GEMMs' form rounds it once (in bf16 a relative error of about 2.4e-3 against 1.7e-3 at
-    d_in 4096 with a 6 % update; the tests bound it by twice the reference's own)."""
+    d_in 4096 with a 6 % update; the tests bound it by twice the reference's own). With ``rows``
+    (A written below member 0's weight), h is not a sum but the last columns of member 0's frozen
+    GEMM, rounded to x's dtype as the GEMMs' form rounds it: one reduction kernel fewer."""
     batch, seq, r = x.shape[0], x.shape[1], b.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)
     frozen_out = [torch.nn.functional.linear(x, w, bias) for w, bias in frozen[1:]]

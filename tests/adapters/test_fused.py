@@ -631,7 +631,7 @@ def test_layers_read_routing_from_the_model_without_hooks():
     torch.testing.assert_close(layers[0](x, routing=ctx), expected, rtol=1e-4, atol=1e-5)
 
 
-# ----------------------------------------------------------------- the shared A below the frozen weight
+# ----------------------------------------------------------------- generation's A below the frozen weight
 def _with_rows(members, spare):
     """Member 0's weight moved into the first rows of a ``(d_out + spare, d_in)`` tensor (a view)."""
     w = members[0].weight
@@ -640,89 +640,12 @@ def _with_rows(members, spare):
     return [members[0]._replace(weight=rows[:w.shape[0]])] + members[1:], rows
 
 
-ROW_GROUPS = [(("asym_task",) * 3, True), (("gated_shared", "gated_experts"), True), (("asym_task",), True),
-              (("asym_task", "moe_task"), False), (("rows",), False)]
-
-
-@pytest.mark.parametrize("forms,rides", ROW_GROUPS, ids=["+".join(f) for f, _ in ROW_GROUPS])
-def test_group_op_with_frozen_rows_matches_one_reference_per_member(forms, rides):
-    """With room below member 0's weight, a group whose A's are one for all samples writes them
-    there (scaled) and takes h from member 0's frozen GEMM: outputs and every gradient equal the
-    reference (member 0's output a view with the rows' stride, a bias added onto it). A per-sample
-    A (LoRA-MoE's task routing, MixLoRA) leaves the rows unused and the result the same."""
-    g = torch.Generator().manual_seed(40 + len(forms))
-    batch, seq, d_in, scaling = 4, 5, 7, 1.5
-    x = torch.randn(batch, seq, d_in, generator=g, dtype=torch.float64, requires_grad=True)
-    members = [_group_member(form, g, batch, seq, d_in, d_out=5 + i, r=2 + i % 2, bias=i == 0)
-               for i, form in enumerate(forms)]
-    members, rows = _with_rows(members, spare=64)
-    leaves = [x] + [t for m in members for t in m if t is not None and t.requires_grad]
-    upstream = [torch.randn(batch, seq, m.weight.shape[0], generator=g, dtype=torch.float64) for m in members]
-    results = []
-    for fn in (lambda *a: lowrank_linear_group(*a, frozen_rows=rows), lowrank_linear_group_reference):
-        ys = fn(x, members, scaling)
-        loss = sum((y * u).sum() for y, u in zip(ys, upstream))
-        results.append((ys, torch.autograd.grad(loss, leaves)))
-    assert (results[0][0][0].stride(1) == rows.shape[0]) == rides
-    a_rows = members[0].a.shape[-2] if members[0].a.dim() == 2 else members[0].a.shape[0] * members[0].a.shape[1]
-    written = rows[5:5 + a_rows]
-    assert bool(written.abs().sum() > 0) == rides
-    if rides:
-        torch.testing.assert_close(written, scaling * members[0].a.detach().reshape(-1, d_in))
-    for fused, plain in zip(results[0][0], results[1][0]):
-        torch.testing.assert_close(fused, plain)
-    for fused, plain in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(fused, plain)
-    assert torch.equal(rows[:5], members[0].weight)  # the weight itself untouched
-    with torch.no_grad():
-        for fused, plain in zip(lowrank_linear_group(x, members, scaling, frozen_rows=rows), results[1][0]):
-            torch.testing.assert_close(fused, plain)
-
-
-def test_frozen_rows_that_do_not_hold_the_weight_are_refused():
-    g = torch.Generator().manual_seed(3)
-    members = [_group_member("asym_task", g, 2, 3, 8, 5, 4)]
-    copy = torch.cat([members[0].weight.detach(), torch.zeros(64, 8, dtype=torch.float64)])
-    with pytest.raises(ValueError, match="same memory"):
-        lowrank_linear_group(torch.randn(2, 3, 8, dtype=torch.float64), members, 1.0, frozen_rows=copy)
-    members, rows = _with_rows(members, 64)
-    with pytest.raises(ValueError, match="cannot extend"):
-        lowrank_linear_group(torch.randn(2, 3, 8, dtype=torch.float64), members, 1.0, frozen_rows=rows.float())
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_group_op_with_frozen_rows_under_compile_equals_eager(backend):
-    """Compiled, the A is written into the rows in place (a graph input mutated) and member 0's
-    output stays a view of the GEMM over them; the same outputs and gradients as eagerly."""
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(5)
-    members = [_group_member(form, g, 2, 3, 8, 5 + i, 4) for i, form in enumerate(("asym_task",) * 3)]
-    members = [LowRankMember(*(t.detach().float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                               for t in m)) for m in members]
-    members, rows = _with_rows(members, 64)
-    x = torch.randn(2, 3, 8, generator=g, requires_grad=True)
-    leaves = [x] + [t.requires_grad_(True) for m in members for t in (m.a, m.b)]
-
-    def fn(rows, x, *factors):
-        ms = [m._replace(a=factors[2 * i], b=factors[2 * i + 1]) for i, m in enumerate(members)]
-        ms[0] = ms[0]._replace(weight=rows[:5])
-        return lowrank_linear_group(x, ms, 2.0, frozen_rows=rows)
-
-    runs = []
-    for f in (torch.compile(fn, backend=backend, fullgraph=True), fn):
-        rows[5:].zero_()
-        ys = f(rows, *leaves)
-        assert torch.equal(rows[5:17], 2.0 * torch.cat([m.a.detach() for m in members]))
-        runs.append((*ys, *torch.autograd.grad(sum(y.square().sum() for y in ys), leaves)))
-    for c, e in zip(*runs):
-        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("seq", [1, 4])
 def test_prepared_op_with_frozen_rows_matches_the_reference(seq):
     """Generation's op with the stacked A written below member 0's weight once (AsymLoRA's task
-    routing: one A for all, each sample's B): eager, the sums' form and inductor's compilation of
-    each equal the reference; members of several widths (GQA), a bias on member 0."""
+    routing: one A for all, each sample's B): member 0's frozen GEMM yields x Aᵀ (its output a view
+    with the rows' stride); eager, the sums' form and inductor's compilation of each equal the
+    reference; members of several widths (GQA), a bias on member 0."""
     g = torch.Generator().manual_seed(11 + seq)
     batch, d_in, r, scaling, widths = 3, 8, 4, 1.5, (6, 3, 3)
     members = _prepared_members(("asym_task",) * 3, widths, g, batch, d_in, r, torch.float32)
@@ -733,6 +656,7 @@ def test_prepared_op_with_frozen_rows_matches_the_reference(seq):
                                                          for m in members)], batch)
     members, rows = _with_rows(members, 64)
     write_frozen_rows(rows, 6, a)
+    assert torch.equal(rows[6:6 + 3 * r], a) and not rows[6 + 3 * r:].any()
     frozen = [(m.weight, m.bias) for m in members]
     runs = {"eager": lowrank_linear_prepared(x, frozen, a, b, rows),
             "sums": fused_module._decode_outputs(x, frozen, a, b, list(widths), rows)}
@@ -747,116 +671,84 @@ def test_prepared_op_with_frozen_rows_matches_the_reference(seq):
     for name, outs in runs.items():
         for out, ref in zip(outs, expected):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="same memory"):
+        lowrank_linear_prepared(x, frozen, a, b, rows.clone())
+    with pytest.raises(ValueError, match="cannot extend"):
+        lowrank_linear_prepared(x, frozen, a, b, rows.double())
 
 
-def _rows_model(routing="task"):
-    model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing=routing)).eval()
-    _randomize(model, 4)
-    return model
-
-
-def _reference_logits(model, ids, task_ids):
-    layers = list(model.adapter_layers.values())
-    for layer in layers:
-        layer.fast_path = False
-    with torch.no_grad():
-        ref = model(input_ids=ids, task_ids=task_ids).logits
-    for layer in layers:
-        layer.fast_path = True
-    return ref
-
-
-def test_models_keep_each_groups_shared_a_below_its_frozen_weights():
-    """AsymLoRA's layers (and a gated LoRA-MoE's) get 64-row-padded room below their weights, which
-    become views of the rows (same Parameters, same values, same state dict); LoRA-MoE with task
-    routing and MixLoRA (an A per sample) and the reference path get none."""
+def test_models_keep_room_for_the_shared_a_below_each_groups_first_weight():
+    """AsymLoRA with task routing: q_proj, o_proj, gate_proj and down_proj (each group's first
+    linear) get 64-row-padded room below their weights, which become views of the rows (same
+    Parameters, values and state dict); their siblings, instance routing (a gate, MixLoRA, LoRA-MoE's
+    A per sample) and the reference path get none."""
     plain = tiny_llama()
     model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task"))
+    leaders = {"q_proj", "o_proj", "gate_proj", "down_proj"}
     for name, layer in model.adapter_layers.items():
         weight, rows = layer.base_layer.weight, layer._frozen_rows
-        assert rows is not None and rows.shape == (layer.out_features + 64, layer.in_features)
-        assert weight.data_ptr() == rows.data_ptr() and isinstance(weight, torch.nn.Parameter)
-        assert torch.equal(weight, plain.get_submodule(name).weight)
-    assert {k: v.shape for k, v in model.base_model.state_dict().items() if "base_layer" in k} == {
-        k.replace(n.rpartition(".")[2], n.rpartition(".")[2] + ".base_layer"): v.shape
-        for n in model.adapter_layers for k, v in plain.state_dict().items() if k.startswith(n + ".")}
-    soft = get_model(tiny_llama(), LoraMoeConfig(r=4, lora_alpha=8, num_experts=3, routing="soft"))
-    assert soft.adapter_layers["model.layers.0.self_attn.q_proj"]._frozen_rows.shape[0] == 32 + 64  # 3 · 3 · 4 rows
-    for config in (LoraMoeConfig(r=4, lora_alpha=8, routing="task"), MixLoraConfig(r=2, num_factors=6, lora_alpha=12),
-                   AsymLoraConfig(r=4, lora_alpha=8, fast_path=False)):
+        assert torch.equal(weight, plain.get_submodule(name).weight) and isinstance(weight, torch.nn.Parameter)
+        if name.rpartition(".")[2] not in leaders:
+            assert rows is None
+            continue
+        assert rows.shape == (layer.out_features + 64, layer.in_features) and weight.data_ptr() == rows.data_ptr()
+    frozen = {k.replace(".base_layer.", "."): v for k, v in model.base_model.state_dict().items()
+              if ".base_layer." in k or k in plain.state_dict()}  # the base model's own tensors, no more
+    assert {k: v.shape for k, v in frozen.items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    for config in (AsymLoraConfig(r=4, lora_alpha=8, routing="soft"), LoraMoeConfig(r=4, lora_alpha=8, routing="task"),
+                   MixLoraConfig(r=2, num_factors=6, lora_alpha=12), AsymLoraConfig(r=4, lora_alpha=8, fast_path=False)):
         assert all(layer._frozen_rows is None for layer in get_model(tiny_llama(), config).adapter_layers.values())
 
 
+def _generate_both_paths(model, ids, task_ids):
+    """Greedy tokens and every step's logits on the fast path, then on the reference path."""
+    runs = []
+    for fast in (True, False):
+        for layer in model.adapter_layers.values():
+            layer.fast_path = fast
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, task_ids=task_ids, output_logits=True, return_dict_in_generate=True)
+        runs.append(out)
+    for layer in model.adapter_layers.values():
+        layer.fast_path = True
+    return runs
+
+
 def test_frozen_rows_follow_conversions_loads_and_replaced_weights():
-    """``.to(dtype)`` and ``load_state_dict`` (in place, or ``assign=True``: new Parameters) relink
-    the rows to the weights; a weight whose memory is swapped under the same Parameter, or a
-    Parameter replaced (as FSDP2 does), lets them go: every output equals the reference path's."""
-    model = _rows_model()
-    ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(4)), torch.tensor([2, 0, 1])
-    layers = list(model.adapter_layers.values())
+    """Generation reads each group's A from the rows below q's (...) weight: ``.to(dtype)`` and
+    ``load_state_dict`` (in place, or ``assign=True``: new Parameters) relink them to the weights; a
+    weight given other memory under the same Parameter, or replaced by another (as FSDP2 does),
+    lets them go. Every call generates what the reference path generates."""
+    model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task")).eval()
+    _randomize(model, 4)
+    ids, task_ids = torch.randint(1, 90, (3, 5), generator=torch.Generator().manual_seed(4)), torch.tensor([2, 0, 1])
+    leaders = [layer for layer in model.adapter_layers.values() if layer._frozen_rows is not None]
 
-    def check():
-        with torch.no_grad():
-            torch.testing.assert_close(model(input_ids=ids, task_ids=task_ids).logits,
-                                       _reference_logits(model, ids, task_ids), rtol=1e-5, atol=1e-5)
+    def check(linked):
+        fast, reference = _generate_both_paths(model, ids, task_ids)
+        assert torch.equal(fast.sequences, reference.sequences)
+        for a, b in zip(fast.logits, reference.logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for layer in leaders:
+            rows = layer._frozen_rows
+            assert (rows is not None and rows.data_ptr() == layer.base_layer.weight.data_ptr()) == (layer in linked)
+            if rows is not None:  # the prompt wrote the group's stacked A below the weight
+                group = (layer, *layer.siblings)
+                stacked = torch.cat([m.shared_a.to(rows.dtype) for m in group])
+                torch.testing.assert_close(rows[layer.out_features:layer.out_features + len(stacked)], stacked)
 
+    check(leaders)
     model.to(torch.float64)
-    assert all(l._frozen_rows.dtype == torch.float64 and l._frozen_rows.data_ptr() == l.base_layer.weight.data_ptr()
-               for l in layers)
-    check()
+    assert all(layer._frozen_rows.dtype == torch.float64 for layer in leaders)
+    check(leaders)
     state = {k: v * 1.5 if "base_layer.weight" in k else v for k, v in model.base_model.state_dict().items()}
     model.base_model.load_state_dict(state)
-    assert all(l._frozen_rows.data_ptr() == l.base_layer.weight.data_ptr() for l in layers)
-    check()
+    check(leaders)
     model.base_model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
-    assert all(l._frozen_rows is not None and l._frozen_rows.data_ptr() == l.base_layer.weight.data_ptr()
-               for l in layers)
-    check()
-    swapped, replaced = layers[0], layers[4]
+    check(leaders)
+    swapped, replaced = leaders[0], leaders[3]
     swapped.base_layer.weight.data = swapped.base_layer.weight.detach().clone() * 2
     replaced.base_layer.weight = torch.nn.Parameter(replaced.base_layer.weight.detach() * 2, requires_grad=False)
-    check()
-    assert swapped._frozen_rows is None and replaced._frozen_rows is None
+    check(leaders[1:3] + leaders[4:])
     model.link_frozen_rows()
-    assert swapped._frozen_rows.data_ptr() == swapped.base_layer.weight.data_ptr()
-    check()
-
-
-def test_a_compiled_model_notices_a_replaced_base_weight():
-    """A compiled graph reads the rows, not the weight: replacing the weight's Parameter (FSDP2's
-    sharding) must not leave it on the old values. Dynamo guards the Parameter's identity (the
-    rows were linked to it): the step recompiles without the rows."""
-    torch._dynamo.reset()
-    model = _rows_model()
-    ids, task_ids = torch.randint(1, 90, (3, 6), generator=torch.Generator().manual_seed(6)), torch.tensor([1, 0, 2])
-    compiled = torch.compile(model.base_model, backend="aot_eager")
-    with torch.no_grad():
-        model._set_context(task_ids, {"input_ids": ids}, generating=False)
-        torch.testing.assert_close(compiled(input_ids=ids).logits, _reference_logits(model, ids, task_ids))
-        layer = model.adapter_layers["model.layers.1.mlp.gate_proj"]
-        layer.base_layer.weight = torch.nn.Parameter(layer.base_layer.weight.detach() * 3, requires_grad=False)
-        model._set_context(task_ids, {"input_ids": ids}, generating=False)
-        torch.testing.assert_close(compiled(input_ids=ids).logits, _reference_logits(model, ids, task_ids))
-    assert layer._frozen_rows is None
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
-def test_two_forwards_before_one_backward_with_frozen_rows(compiled):
-    """The second forward writes its A into the rows the first forward's backward reads the weight
-    of (gradient accumulation over tasks, the interference analysis): no stale-version error, and
-    the gradients equal the reference path's."""
-    torch._dynamo.reset()
-    ids, task_ids = torch.randint(1, 90, (2, 5), generator=torch.Generator().manual_seed(9)), torch.tensor([0, 2])
-    grads = []
-    for fast in (True, False):
-        model = get_model(tiny_llama(), AsymLoraConfig(r=4, lora_alpha=8, routing="task", fast_path=fast))
-        _randomize(model, 5)
-        run = torch.compile(model.base_model, backend="aot_eager") if compiled and fast else model.base_model
-        losses = []
-        for t in (task_ids, task_ids.flip(0)):
-            model._set_context(t, {"input_ids": ids}, generating=False)
-            losses.append(run(input_ids=ids, labels=ids).loss)
-        sum(losses).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    check(leaders)

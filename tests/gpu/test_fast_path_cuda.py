@@ -126,22 +126,13 @@ def test_fused_op_with_float32_tables_matches_reference(form):
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
 
 
-def _rows_for(weight, spare=128):
-    """A weight moved into the first rows of a (d_out + spare, d_in) tensor: (rows, the weight's view)."""
-    rows = torch.zeros(weight.shape[0] + spare, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    rows[:weight.shape[0]] = weight
-    return rows, rows[:weight.shape[0]]
-
-
-@pytest.mark.parametrize("frozen_rows", [False, True], ids=["", "rows"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("form", ["asym_task", "moe_task", "mix_rows", "asym_soft"])
-def test_group_op_matches_reference_bf16(form, compiled, frozen_rows):
+def test_group_op_matches_reference_bf16(form, compiled):
     """q, k and v as one op (one x Aᵀ GEMM, one low-rank input gradient with each G W accumulated
     onto it), float32 tables under a bf16 input, against one reference per member, all against
     float64; eagerly and compiled by inductor (which sums an expert table's gradient over the
-    batch by one-hot instead of index_add_). With frozen rows, a shared A (asym) rides under q's
-    weight and q's frozen GEMM yields h; per-sample A's (moe, mix) leave them unused."""
+    batch by one-hot instead of index_add_)."""
     torch._dynamo.reset()
     b, t, d_in, r, n, e = 4, 256, 2048, 32, 3, 32
     g = torch.Generator(device="cuda").manual_seed(13)
@@ -167,16 +158,8 @@ def test_group_op_matches_reference_bf16(form, compiled, frozen_rows):
         members.append(m)
         leaves += [t_ for t_ in (m.a, m.b, m.gate) if t_ is not None]
     ups = [torch.randn(b, t, m.weight.shape[0], device="cuda", dtype=torch.bfloat16) for m in members]
-    rows = _rows_for(members[0].weight)[0] if frozen_rows else None
-
-    def op(x, members, scaling):
-        if rows is not None:  # the weight read through the rows (a graph takes no two aliased inputs)
-            members = [members[0]._replace(weight=rows[:members[0].weight.shape[0]]), *members[1:]]
-        return kernels.lowrank_linear_group(x, members, scaling, frozen_rows=rows)
-    if rows is not None:
-        members[0] = members[0]._replace(weight=rows[:members[0].weight.shape[0]])
     results = {}
-    fast = torch.compile(op, fullgraph=True) if compiled else op
+    fast = torch.compile(kernels.lowrank_linear_group, fullgraph=True) if compiled else kernels.lowrank_linear_group
     for name, fn in (("fast", fast), ("ref", kernels.lowrank_linear_group_reference)):
         ys = fn(x, members, 2.0)
         loss = sum((y.float() * u.float()).sum() for y, u in zip(ys, ups))
@@ -186,13 +169,18 @@ def test_group_op_matches_reference_bf16(form, compiled, frozen_rows):
                                          for v in m)) for m in members]
     ys64 = kernels.lowrank_linear_group_reference(d[id(x)], members64, 2.0)
     g64 = torch.autograd.grad(sum((y * u.double()).sum() for y, u in zip(ys64, ups)), [d[id(v)] for v in leaves])
-    if rows is not None:  # where the A is shared, h came out of q's GEMM (q a view of its output)
-        assert (results["fast"][0][0].stride(1) == rows.shape[0]) == form.startswith("asym")
     for yf, yr, yt in zip(results["fast"][0], results["ref"][0], ys64):
         assert rel(yf, yt) < max(1e-2, 2 * rel(yr, yt))
     for gf, gr, gt, leaf in zip(results["fast"][1], results["ref"][1], g64, leaves):
         assert gf.dtype == leaf.dtype
         assert rel(gf, gt) < max(1e-2, 2 * rel(gr, gt))
+
+
+def _rows_for(weight, spare=128):
+    """A weight moved into the first rows of a (d_out + spare, d_in) tensor: (rows, the weight's view)."""
+    rows = torch.zeros(weight.shape[0] + spare, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    rows[:weight.shape[0]] = weight
+    return rows, rows[:weight.shape[0]]
 
 
 @pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024), (11008,)])
