@@ -65,10 +65,7 @@ class AdapterLayer(nn.Module):
         """``.to()``, ``.half()``, ``.cuda()`` ... give the base weight new memory: the frozen rows
         follow it (rebuilt around the converted weight)."""
         result = super()._apply(fn, recurse)
-        rows = self._frozen_rows
-        if rows is not None and (self.base_layer.weight is not self._rows_weight
-                                 or self.base_layer.weight.data_ptr() != rows.data_ptr()):
-            link_frozen_rows(self, rows.shape[0] - self.out_features)
+        _relink_frozen_rows(self)
         return result
 
     def _new_parameter(self, *shape: int) -> nn.Parameter:
@@ -235,11 +232,16 @@ def _usable_rows(layer: AdapterLayer, x: Tensor) -> Tensor | None:
     rows = layer._frozen_rows
     if rows is None:
         return None
-    weight = layer.base_layer.weight
-    if weight is not layer._rows_weight or weight.data_ptr() != rows.data_ptr():
+    if _rows_unlinked(layer):
         layer._frozen_rows = layer._rows_weight = None
         return None
     return rows if rows.dtype == _fused_dtype(x) else None
+
+
+def _rows_unlinked(layer: AdapterLayer) -> bool:
+    """Whether the layer's base weight is no longer the Parameter, or the memory, its rows hold."""
+    weight = layer.base_layer.weight
+    return weight is not layer._rows_weight or weight.data_ptr() != layer._frozen_rows.data_ptr()
 
 
 def _rows_eligible(weight: Tensor) -> bool:
@@ -265,12 +267,15 @@ def link_frozen_rows(layer: AdapterLayer, spare: int) -> None:
     object.__setattr__(layer, "_rows_weight", weight)  # a reference, not a parameter of the layer
 
 
+def _relink_frozen_rows(layer: AdapterLayer) -> None:
+    """Rows around the base weight again where a conversion or a load gave it new memory."""
+    if layer._frozen_rows is not None and _rows_unlinked(layer):
+        link_frozen_rows(layer, layer._frozen_rows.shape[0] - layer.out_features)
+
+
 def _relink_after_load(layer: AdapterLayer, incompatible_keys) -> None:
     """After ``load_state_dict`` (``assign=True`` puts a new Parameter in the base layer)."""
-    rows = layer._frozen_rows
-    if rows is not None and (layer.base_layer.weight is not layer._rows_weight
-                             or layer.base_layer.weight.data_ptr() != rows.data_ptr()):
-        link_frozen_rows(layer, rows.shape[0] - layer.out_features)
+    _relink_frozen_rows(layer)
 
 
 GENERATION_PENDING = "pending"  # a layer's state in a generate call before the prompt's pass reaches it
@@ -303,10 +308,8 @@ def _generation_forward(layer: AdapterLayer, x: Tensor) -> Tensor | None:
         state = _prepare_generation(layer, x)
         if state is None:
             return None
-    a, b, rows = state
+    a, b, rows = state  # rows: the group's A below the layer's weight, written at the prompt (or None)
     frozen = [(m.base_layer.weight, m.base_layer.bias) for m in (layer, *layer.siblings)]
-    if rows is not None:  # the group's A below the layer's weight, written at the prompt
-        frozen[0] = (rows[:layer.out_features], frozen[0][1])
     outs = _run_autocast_free(x, frozen, lambda x, frozen: lowrank_linear_prepared(x, frozen, a, b, rows))
     for sibling, out in zip(layer.siblings, outs[1:]):
         sibling._handed = (x, out)
